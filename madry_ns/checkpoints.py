@@ -1,0 +1,116 @@
+"""Checkpoints named as Madry's: `model_dir/checkpoint-<step>` plus the `checkpoint` state file.
+
+`tf.train.latest_checkpoint(model_dir)` therefore keeps working, and the three most recent
+are kept (Madry's `Saver(max_to_keep=3)`). A checkpoint holds the model (weights and BN
+statistics) and the optimizer (momentum slots and its `iterations`, the one step counter);
+data order and random starts are functions of the step, so nothing else is needed to resume.
+
+TensorFlow writes the data files first and replaces the state file atomically last, so a
+run killed mid-save still names the previous, complete checkpoint as latest.
+
+Resume order (train.py): 1. the latest checkpoint in model_dir; 2. otherwise a fresh model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from madry_ns.errors import CheckpointError
+
+CHECKPOINT_NAME = "checkpoint"
+MAX_TO_KEEP = 3
+
+
+class Checkpointer:
+    """Saves and restores (model, optimizer) in `model_dir`, Madry's names."""
+
+    def __init__(self, model_dir: str, model, optimizer):
+        self.model_dir = model_dir
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, model_dir, max_to_keep=MAX_TO_KEEP, checkpoint_name=CHECKPOINT_NAME)
+
+    def save(self, step: int) -> str:
+        """Write `checkpoint-<step>` and make it the latest."""
+        return self.manager.save(checkpoint_number=step)
+
+    def restore_latest(self) -> str | None:
+        """Restore the latest checkpoint in model_dir, if any; return its path."""
+        path = tf.train.latest_checkpoint(self.model_dir)
+        if path is None:
+            return None
+        restore(self.checkpoint, path)
+        return path
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
+    """Restore `checkpoint` from `path`, turning TensorFlow's errors into one clear message.
+
+    With `partial`, objects the checkpoint holds but `checkpoint` does not (optimizer slots
+    when loading a model alone) are ignored; every variable `checkpoint` has must be found.
+    """
+    if not os.path.exists(path + ".index"):
+        raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
+    try:
+        status = checkpoint.read(path)
+        status.assert_existing_objects_matched()
+        if partial:
+            status.expect_partial()
+    except (tf.errors.DataLossError, tf.errors.OpError) as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
+                              f"corrupted ({type(e).__name__}: {e.message[:300]})") from None
+    except (ValueError, AssertionError) as e:
+        raise CheckpointError(f"checkpoint '{path}' does not match this model "
+                              f"(another architecture or width?): {str(e)[:600]}") from None
+
+
+def is_madry_tf1(path: str) -> bool:
+    """Whether `path` is a TF1 name-based checkpoint of Madry's model (fetch_model.py)."""
+    return "input/init_conv/DW" in dict(tf.train.list_variables(path))
+
+
+def load_weights(model, path: str) -> None:
+    """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name)."""
+    if not os.path.exists(path + ".index"):
+        raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
+    try:
+        tf1 = is_madry_tf1(path)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
+                              f"corrupted ({type(e).__name__})") from None
+    if tf1:
+        load_madry_tf1(model, path)
+    else:
+        restore(tf.train.Checkpoint(model=model), path, partial=True)
+
+
+def load_madry_tf1(model, path: str) -> None:
+    """Assign Madry's TF1 variables (`unit_1_0/sub1/conv1/DW`, ...) to a `MadryWRN`.
+
+    Every variable the model needs must be present with the right shape; the error names
+    the first one that is not. Optimizer slots (`.../Momentum`) and `global_step` are ignored.
+    """
+    if not hasattr(model, "tf1_variables"):
+        raise CheckpointError(f"'{path}' is a TF1 checkpoint of Madry's WRN, but the model is "
+                              f"{type(model).__name__}; set \"model\": \"madry_wrn\"")
+    try:
+        reader = tf.train.load_checkpoint(path)
+        shapes = reader.get_variable_to_shape_map()
+        mapping = model.tf1_variables()
+        for name, var in mapping.items():
+            if name not in shapes:
+                raise CheckpointError(f"TF1 checkpoint '{path}' has no variable '{name}' "
+                                      f"(expected shape {list(var.shape)}); is it Madry's "
+                                      f"WRN-34?")
+            if list(shapes[name]) != list(var.shape):
+                raise CheckpointError(
+                    f"TF1 checkpoint '{path}': variable '{name}' has shape {shapes[name]}, the "
+                    f"model expects {list(var.shape)} (check model_width: Madry's released "
+                    f"models are width 10)")
+        for name, var in mapping.items():
+            var.assign(reader.get_tensor(name))
+    except tf.errors.OpError as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
+                              f"corrupted ({type(e).__name__}: {e.message[:300]})") from None

@@ -1,0 +1,266 @@
+"""Configuration: Madry's `config.json`, key for key, plus the keys madry_ns adds.
+
+Madry's scripts read `./config.json` with `json.load`; so do ours, but into a frozen
+`Config` that rejects unknown keys (naming the closest known one), wrong types and
+out-of-range values. Keys starting with `_` are comments and may repeat, as Madry's
+`_comment` does. All scales are Madry's: pixels in [0, 255], epsilon and step size too.
+
+This module imports no TensorFlow, so a bad config fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from typing import Any, Callable, Sequence
+
+from madry_ns.errors import ConfigError
+
+MODELS = ("madry_wrn", "resnet20")
+DATASETS = ("cifar10", "digits")
+TRAINING_METHODS = ("madry", "natural")
+LOSS_FUNCS = ("xent", "cw")
+BN_MODES = ("population", "batch_update", "batch_frozen")
+
+
+def _key(default: Any, doc: str, check: Callable[[Any], str | None] | None = None,
+         madry: bool = False):
+    """A config field: default, one-line doc (used for the README table), value check."""
+    metadata = {"doc": doc, "check": check, "madry": madry}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)),
+                                 metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _positive(v):
+    return None if v > 0 else "a value > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "a value >= 0"
+
+
+def _one_of(*choices):
+    def check(v):
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+    return check
+
+
+def _schedule(v):
+    expected = ("a list of [step, learning_rate] pairs whose steps start at 0 and strictly "
+                "increase, with learning rates > 0, e.g. [[0, 0.1], [40000, 0.01]]")
+    if not isinstance(v, list) or not v:
+        return expected
+    steps = []
+    for pair in v:
+        if (not isinstance(pair, list) or len(pair) != 2 or not _is_int(pair[0])
+                or not _is_number(pair[1]) or pair[1] <= 0):
+            return expected
+        steps.append(pair[0])
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        return expected
+    return None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a run. Field order is Madry's, then madry_ns's."""
+
+    # ----- Madry's keys (cifar10_challenge config.json, same names, values and scale) -----
+    model_dir: str = _key("models/a_very_robust_model",
+                          "Checkpoints, TensorBoard events and the config copy go here", madry=True)
+    data_path: str = _key("cifar10_data", "Folder with CIFAR-10 python pickles (Madry's layout); "
+                          "if absent, tensorflow_datasets' cifar10 is used", madry=True)
+    tf_random_seed: int = _key(451760341, "Seed for initializers and augmentation", madry=True)
+    np_random_seed: int = _key(216105420, "Seed for data order and PGD random starts", madry=True)
+    max_num_training_steps: int = _key(80000, "Training steps (updates)", _positive, madry=True)
+    num_output_steps: int = _key(100, "Console report every N steps", _positive, madry=True)
+    num_summary_steps: int = _key(100, "TensorBoard summaries every N steps", _positive, madry=True)
+    num_checkpoint_steps: int = _key(1000, "Checkpoint every N steps", _positive, madry=True)
+    training_batch_size: int = _key(128, "Training batch size", _positive, madry=True)
+    step_size_schedule: list = _key(
+        [[0, 0.1], [40000, 0.01], [60000, 0.001]], "Piecewise-constant learning rate [[step, lr], ...]", _schedule,
+        madry=True)
+    weight_decay: float = _key(0.0002, "L2 factor on conv and dense kernels (x sum(W^2)/2)",
+                               _non_negative, madry=True)
+    momentum: float = _key(0.9, "Momentum, TF1 MomentumOptimizer semantics",
+                           lambda v: None if 0 <= v < 1 else "a value in [0, 1)", madry=True)
+    num_eval_examples: int = _key(10000, "First N test images used by eval, pgd_attack, run_attack",
+                                  _positive, madry=True)
+    eval_batch_size: int = _key(100, "Evaluation batch size", _positive, madry=True)
+    eval_on_cpu: bool = _key(False, "Evaluate on the CPU even when a GPU is present", madry=True)
+    epsilon: float = _key(8.0, "L-inf radius on the 0-255 scale", _positive, madry=True)
+    num_steps: int = _key(10, "PGD iterations", _positive, madry=True)
+    step_size: float = _key(2.0, "PGD step on the 0-255 scale", _positive, madry=True)
+    random_start: bool = _key(True, "PGD uniform random start in [-epsilon, epsilon]", madry=True)
+    loss_func: str = _key("xent", "PGD loss: 'xent' (summed cross-entropy) or 'cw' (margin 50)",
+                          _one_of(*LOSS_FUNCS), madry=True)
+    store_adv_path: str = _key("attack.npy", "Where pgd_attack.py writes and run_attack.py reads "
+                               "adversarial examples", madry=True)
+
+    # ----- madry_ns keys (defaults keep Madry's behaviour) -----
+    model: str = _key("madry_wrn", "'madry_wrn' (Madry's WRN-34) or 'resnet20'", _one_of(*MODELS))
+    model_width: int | None = _key(
+        None, "Width factor; null = the model's standard width (10 for madry_wrn: Madry's "
+        "16/160/320/640; 1 for resnet20: 16/32/64). madry_wrn width 1 is the narrow "
+        "16/16/32/64 variant Madry's code mentions", _positive)
+    dataset: str = _key("cifar10", "'cifar10' or 'digits' (scikit-learn's bundled handwritten "
+                        "digits as 32x32x3, offline)", _one_of(*DATASETS))
+    augmentation: str = _key("madry", "Training augmentation: 'madry' (zero-pad to 36, random "
+                             "32x32 crop, random flip), 'crop' (no flip) or 'none'",
+                             _one_of("madry", "crop", "none"))
+    training_method: str = _key("madry", "'madry' (PGD adversarial training) or 'natural' "
+                                "(clean batches)", _one_of(*TRAINING_METHODS))
+    train_attack_bn_mode: str = _key(
+        "batch_update", "BN mode of the training attack: 'batch_update' (Madry: every attack step "
+        "updates the moving averages), 'batch_frozen' (batch statistics, no update) or "
+        "'population'", _one_of(*BN_MODES))
+
+    def replace(self, **changes) -> "Config":
+        """A copy with some keys changed, validated like a loaded file."""
+        return from_dict({**self.to_dict(), **changes}, source="<replace>")
+
+    def to_dict(self) -> dict:
+        """Every key, in field order (Madry's first)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """Resolved config as JSON, the form copied into model_dir."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_EXPECTED_TYPE = {int: "an integer", float: "a number", bool: "true or false",
+                  str: "a string", list: "a list"}
+
+
+def fields() -> Sequence[dataclasses.Field]:
+    """The config fields in order, for documentation and tests."""
+    return dataclasses.fields(Config)
+
+
+def default_value(name: str) -> Any:
+    """The default of one key (a fresh copy for lists)."""
+    f = _FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _type_ok(kind, value) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return _is_number(value)
+    if kind is bool:
+        return isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Validate a mapping of keys to JSON values and build a `Config`.
+
+    Every problem is collected and reported together, one line each.
+    """
+    problems = []
+    values = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"unknown key '{key}'{hint}")
+            continue
+        values[key] = value
+    for name, f in _FIELDS.items():
+        value = values.get(name, default_value(name))
+        optional = f.type.endswith(" | None")
+        kind = {"int": int, "float": float, "bool": bool, "str": str,
+                "list": list}[f.type.removesuffix(" | None")]
+        if optional and value is None:
+            values[name] = None
+            continue
+        if not _type_ok(kind, value):
+            problems.append(f"key '{name}' has value {json.dumps(value)}, expected "
+                            f"{_EXPECTED_TYPE[kind]}" + (" or null" if optional else ""))
+            continue
+        if kind is float:
+            value = float(value)
+        check = f.metadata["check"]
+        expected = check(value) if check else None
+        if expected:
+            problems.append(f"key '{name}' has value {json.dumps(value)}, expected {expected}")
+        values[name] = value
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(problems))
+    return Config(**values)
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen and not key.startswith("_"):
+            raise ConfigError(f"key '{key}' appears twice (only '_' comment keys may repeat)")
+        seen[key] = value
+    return seen
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from `--set`; the value is JSON when it parses, else a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set epsilon=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def load(path: str = "config.json", overrides: Sequence[str] = ()) -> Config:
+    """Read and validate a config file, then apply `key=value` overrides."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found (working directory: {os.getcwd()}); "
+                          f"pass --config PATH") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
+    try:
+        raw = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of keys to values, "
+                          f"found {type(raw).__name__}")
+    for text_override in overrides:
+        key, value = parse_override(text_override)
+        raw[key] = value
+    source = path + (" with --set " + " ".join(overrides) if overrides else "")
+    return from_dict(raw, source=source)
+
+
+def readme_table() -> str:
+    """Markdown table of the madry_ns keys (README section "Configuration")."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields():
+        if not f.metadata["madry"]:
+            rows.append(f"| `{f.name}` | `{json.dumps(default_value(f.name))}` | "
+                        f"{f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,123 @@
+"""Batch normalization with an explicit mode.
+
+Keras' `BatchNormalization` ties two decisions to one test (`training and trainable`):
+whether to normalize with batch statistics and whether to update the moving averages.
+Batch-norm shaping needs the third combination, batch statistics *without* an update,
+so `BatchNorm` takes a `mode`:
+
+* ``population``:   moving statistics (Madry's eval model);
+* ``batch_update``: batch statistics, moving averages updated (Madry's train model, where
+  every train-mode `sess.run`, PGD steps included, updated them);
+* ``batch_frozen``: batch statistics, moving averages untouched (shaped inference, attacks
+  through batch statistics at evaluation time).
+
+The mode is a Python string argument of `call`, resolved per call. A `tf.function` that
+takes it as an argument gets one trace per mode and never a stale one (a layer attribute
+flipped after tracing would be silently ignored). Gradients flow through the batch mean and
+variance in both batch modes.
+
+The forward uses TensorFlow's fused kernel (`FusedBatchNormV3`), which computes statistics,
+normalization and the full gradient in one op; it is markedly faster on CPU than Keras'
+separate-moments implementation and works under XLA. The moving variance is updated with the
+biased batch variance, as Keras does; TF1's fused path (Madry) used the Bessel-corrected one,
+a factor n/(n-1) that is below 1.0002 at Madry's sizes.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+BN_MODES = ("population", "batch_update", "batch_frozen")
+
+
+def resolve_mode(mode: str | None, training: bool | None) -> str:
+    """`mode` if given, else Keras' convention: training=True means batch_update."""
+    if mode is None:
+        return "batch_update" if training else "population"
+    if mode not in BN_MODES:
+        raise ValueError(f"BN mode {mode!r} is not one of {BN_MODES}")
+    return mode
+
+
+@keras.saving.register_keras_serializable(package="madry_ns")
+class BatchNorm(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` with the three modes above.
+
+    Defaults are Madry's (TF1 contrib batch_norm: decay 0.9, epsilon 1e-3). Weights keep
+    Keras' names and order: gamma, beta, moving_mean, moving_variance.
+    With `synchronized=True`, batch statistics are all-reduced over the replicas of a
+    `tf.distribute` strategy (the unfused path; the fused kernel cannot do that).
+    """
+
+    def __init__(self, momentum: float = 0.9, epsilon: float = 1e-3, **kwargs):
+        super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
+
+    def call(self, inputs, training=None, mode: str | None = None, mask=None):
+        if mode is None and training and not self.trainable:
+            mode = "population"  # Keras: a frozen BN layer runs in inference mode
+        mode = resolve_mode(mode, training)
+        x = tf.convert_to_tensor(inputs)
+        compute_dtype = x.dtype
+        if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
+            x = tf.cast(x, tf.float32)
+        fused = (x.shape.rank == 4 and self.axis in (-1, 3) and not self.synchronized)
+        if fused:
+            y, mean, var = self._fused(x, mode)
+        else:
+            y, mean, var = self._unfused(x, mode)
+        if mode == "batch_update":
+            self._update_moving(mean, var)
+        return tf.cast(y, compute_dtype)
+
+    def _fused(self, x, mode):
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones(x.shape[-1])
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros(x.shape[-1])
+        if mode == "population":
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
+                is_training=False)
+            return y, None, None
+        y, mean, var = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, epsilon=self.epsilon, is_training=True)
+        # The kernel returns the Bessel-corrected variance; undo it to keep Keras' biased update.
+        n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+        var = var * (n - 1.0) / tf.maximum(n, 1.0)
+        return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+    def _unfused(self, x, mode):
+        x = tf.cast(x, tf.float32)
+        shape = [1] * x.shape.rank
+        shape[self.axis % x.shape.rank] = x.shape[self.axis]
+        if mode == "population":
+            mean, var = self.moving_mean, self.moving_variance
+        else:
+            mean, var = self._moments(x, mask=None)  # all-reduced when synchronized
+        y = tf.nn.batch_normalization(
+            x, tf.reshape(tf.cast(mean, tf.float32), shape),
+            tf.reshape(tf.cast(var, tf.float32), shape),
+            tf.reshape(tf.cast(self.beta, tf.float32), shape) if self.center else None,
+            tf.reshape(tf.cast(self.gamma, tf.float32), shape) if self.scale else None,
+            self.epsilon)
+        if mode == "population":
+            return y, None, None
+        return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+    def _update_moving(self, mean, var):
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + tf.cast(mean, self.moving_mean.dtype)
+                                * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m
+                                    + tf.cast(var, self.moving_variance.dtype) * (1.0 - m))
+
+    def folded(self):
+        """Inference-mode BN as an affine map: BN(x) = m * x + b, per channel.
+
+        m = gamma / sqrt(moving_var + eps), b = beta - m * moving_mean (the fragile-features
+        paper's normalized weight and bias).
+        """
+        gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
+        beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
+        m = gamma / tf.sqrt(self.moving_variance + self.epsilon)
+        return m, beta - m * self.moving_mean
