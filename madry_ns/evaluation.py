@@ -29,6 +29,18 @@ def checkpoint_step(path: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def make_classifier(model, config, dataset: data.Dataset, bn_mode: str = "population"):
+    """`fn(x) -> logits`: the one way test inputs are classified (eval, pgd_attack,
+    run_attack), compiled once. `bn_mode` is the inference BN mode."""
+    del config, dataset  # used by inference modes that need them (shaped inference)
+
+    @tf.function(reduce_retracing=True)
+    def classify(x):
+        return model(x, bn_mode=bn_mode)
+
+    return classify
+
+
 def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
              on_batch=None) -> dict:
     """Natural and PGD accuracy and mean cross-entropy on the first `num_eval_examples`
@@ -38,10 +50,10 @@ def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
     The random starts are seeded by (np_random_seed, batch index), so a rerun is identical.
     """
     attack = attacks.compile_pgd(model, config, bn_mode)
+    classify = make_classifier(model, config, dataset, bn_mode)
 
-    @tf.function(reduce_retracing=True)
     def score(x, y):
-        logits = model(x, bn_mode=bn_mode)
+        logits = classify(x)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.int64))
         return correct, tf.reduce_sum(attacks.xent_loss(logits, y))
 
