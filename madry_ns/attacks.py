@@ -49,7 +49,7 @@ def check_params(epsilon: float, num_steps: int, step_size: float) -> None:
 
 
 def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: float,
-        random_start: bool = True, seed=(0, 0)):
+        random_start: bool = True, seed=(0, 0), x_init=None):
     """L-inf projected gradient ascent on `loss_fn(x_adv) -> scalar`, Madry's way.
 
     Uniform random start in [-epsilon, epsilon] clipped to [0, 255] (or the clean input),
@@ -61,13 +61,17 @@ def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: floa
         and whatever else rides along (for shaping, the fixed clean part of the batch).
       x: clean images, float on the 0-255 scale.
       seed: two integers for `tf.random.stateless_uniform`.
+      x_init: a starting point instead of Madry's (TRADES starts at x + 0.001 N(0, 1)); it is
+        not projected until the first step, as in TRADES.
     """
     check_params(epsilon, num_steps, step_size)
     x = tf.cast(x, tf.float32)
     # Madry clips to [x - eps, x + eps] and then to [0, 255]; the intersection is the same.
     lower = tf.maximum(x - epsilon, PIXEL_MIN)
     upper = tf.minimum(x + epsilon, PIXEL_MAX)
-    if random_start:
+    if x_init is not None:
+        x_adv = tf.cast(x_init, tf.float32)
+    elif random_start:
         noise = tf.random.stateless_uniform(tf.shape(x), seed=tf.cast(seed, tf.int64),
                                             minval=-epsilon, maxval=epsilon)
         x_adv = tf.clip_by_value(x + noise, PIXEL_MIN, PIXEL_MAX)

@@ -21,7 +21,7 @@ from madry_ns.errors import ConfigError
 
 MODELS = ("madry_wrn", "resnet20")
 DATASETS = ("cifar10", "digits")
-TRAINING_METHODS = ("madry", "natural")
+TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
 BN_MODES = ("population", "batch_update", "batch_frozen")
 
@@ -121,12 +121,50 @@ class Config:
     augmentation: str = _key("madry", "Training augmentation: 'madry' (zero-pad to 36, random "
                              "32x32 crop, random flip), 'crop' (no flip) or 'none'",
                              _one_of("madry", "crop", "none"))
-    training_method: str = _key("madry", "'madry' (PGD adversarial training) or 'natural' "
-                                "(clean batches)", _one_of(*TRAINING_METHODS))
+    training_method: str = _key("madry", "'madry' (PGD adversarial training), 'trades' (KL "
+                                "attack, CE + beta KL update) or 'natural' (clean batches)",
+                                _one_of(*TRAINING_METHODS))
     train_attack_bn_mode: str = _key(
         "batch_update", "BN mode of the training attack: 'batch_update' (Madry: every attack step "
         "updates the moving averages), 'batch_frozen' (batch statistics, no update) or "
         "'population'", _one_of(*BN_MODES))
+
+    # ----- batch-norm shaping (Zhang & Ma, ICTAI 2022) -----
+    shaping_ratio: int = _key(0, "n of the n:1 clean:attacked training mix; 0 = off (Madry), "
+                              "the paper uses 3 (48 clean + 16 attacked of 64)", _non_negative)
+    shaping_mode: str = _key(
+        "attack_and_train", "'attack_and_train' (the method: the attack runs through the mixed "
+        "batch's statistics) or 'train_only' (whole batch attacked, then mixed for the update)",
+        _one_of("attack_and_train", "train_only"))
+    shaping_attack_loss: str = _key(
+        "batch", "Attack loss under shaping: 'batch' (summed over all m samples, paper Eq. 5) "
+        "or 'attacked' (the attacked slice only)", _one_of("batch", "attacked"))
+    trades_beta: float = _key(6.0, "TRADES beta: update = CE(clean) + beta * KL(p_clean || p_adv)",
+                              _non_negative)
+    trades_init_std: float = _key(0.255, "TRADES attack start x + std * N(0, 1), 0-255 scale "
+                                  "(TRADES' 0.001 on the 0-1 scale)", _non_negative)
+    shaping_trades_update: str = _key(
+        "ce", "TRADES with shaping: update with 'ce' on the mixed batch (the paper disabled KL in "
+        "the training loss) or 'trades' (CE + beta KL on the mixed batch)",
+        _one_of("ce", "trades"))
+    inference_bn: str = _key(
+        "population", "How test inputs are classified: 'population' (moving statistics, Madry), "
+        "'batch' (each test batch's own statistics) or 'shaped' (each test chunk mixed with clean "
+        "training images, batch statistics)", _one_of("population", "batch", "shaped"))
+    inference_ratio: int = _key(9, "Shaped inference test:clean 1:r (paper 1:9 at batch 100)",
+                                _non_negative)
+    inference_mixing: str = _key(
+        "per_batch", "Shaped inference: 'per_batch' (eval_batch_size/(r+1) test samples share a "
+        "forward with the references, as the paper's experiments) or 'per_sample' (Eq. 6: each "
+        "test sample with its own r references)", _one_of("per_batch", "per_sample"))
+    inference_references: str = _key(
+        "fresh", "Shaped inference references: 'fresh' (new draw for every forward) or 'fixed' "
+        "(one seeded draw reused, as the exact adaptive attack assumes)", _one_of("fresh", "fixed"))
+    inference_seed: int = _key(0, "Seed for drawing shaped-inference reference images")
+    eval_attack_bn: str = _key(
+        "inference", "What eval/pgd_attack's PGD differentiates through: 'inference' (the same "
+        "forward that classifies: adaptive) or 'population' (the paper's transfer from PN)",
+        _one_of("inference", "population"))
 
     def replace(self, **changes) -> "Config":
         """A copy with some keys changed, validated like a loaded file."""
@@ -204,7 +242,42 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         values[name] = value
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Config(**values)
+    config = Config(**values)
+    _check_consistency(config, source)
+    return config
+
+
+def shaping_split(batch_size: int, ratio: int) -> tuple[int, int]:
+    """(clean, attacked) sizes of an n:1 shaping batch: k = floor(n m / (n + 1)) clean."""
+    clean = ratio * batch_size // (ratio + 1)
+    return clean, batch_size - clean
+
+
+def _check_consistency(c: "Config", source: str) -> None:
+    """Checks that involve several keys."""
+    problems = []
+    if c.shaping_ratio:
+        clean, attacked = shaping_split(c.training_batch_size, c.shaping_ratio)
+        if clean < 1 or attacked < 1:
+            problems.append(
+                f"shaping_ratio {c.shaping_ratio} with training_batch_size "
+                f"{c.training_batch_size} leaves {clean} clean and {attacked} attacked samples; "
+                f"both need at least 1 (use a larger batch or a smaller ratio)")
+        if c.training_method == "natural":
+            problems.append("shaping_ratio > 0 needs an adversarial training_method "
+                            "('madry' or 'trades'), not 'natural'")
+        if c.shaping_mode == "attack_and_train" and c.train_attack_bn_mode == "population":
+            problems.append("shaping_mode 'attack_and_train' runs the attack through the mixed "
+                            "batch's statistics; train_attack_bn_mode must be 'batch_update' or "
+                            "'batch_frozen', not 'population'")
+    if (c.inference_bn == "shaped" and c.inference_mixing == "per_batch"
+            and c.eval_batch_size % (c.inference_ratio + 1)):
+        problems.append(
+            f"shaped inference per batch puts eval_batch_size/(inference_ratio+1) test images in "
+            f"each forward: eval_batch_size {c.eval_batch_size} is not divisible by "
+            f"{c.inference_ratio + 1}")
+    if problems:
+        raise ConfigError(f"{source}: inconsistent configuration:\n  - " + "\n  - ".join(problems))
 
 
 def _reject_duplicates(pairs):

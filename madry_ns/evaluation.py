@@ -17,7 +17,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files
+from madry_ns import attacks, checkpoints, data, files, shaping
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
@@ -29,28 +29,127 @@ def checkpoint_step(path: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def make_classifier(model, config, dataset: data.Dataset, bn_mode: str = "population"):
-    """`fn(x) -> logits`: the one way test inputs are classified (eval, pgd_attack,
-    run_attack), compiled once. `bn_mode` is the inference BN mode."""
-    del config, dataset  # used by inference modes that need them (shaped inference)
-
-    @tf.function(reduce_retracing=True)
-    def classify(x):
-        return model(x, bn_mode=bn_mode)
-
-    return classify
+# Stateless seed streams: classification draws use (inference_seed, call index), the
+# attacker's own reference draws (inference_seed, _ATTACK_STREAM + batch index).
+_ATTACK_STREAM = 1_000_000_000
 
 
-def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
-             on_batch=None) -> dict:
+class Classifier:
+    """`classifier(x) -> logits`: the one way test inputs are classified (eval, pgd_attack,
+    run_attack), per `inference_bn`, compiled once per input shape.
+
+    * population: moving statistics (Madry's eval model);
+    * batch: batch statistics of the test batch itself (moving averages untouched);
+    * shaped: BN+Shaping (`shaping.ShapedInference`): chunks of test images mixed with clean,
+      unaugmented training images; 'fresh' references are redrawn on every call (the n-th
+      call uses seed (inference_seed, n), so a rerun is identical), 'fixed' ones never change.
+    """
+
+    def __init__(self, model, config, dataset: data.Dataset):
+        self.config = config
+        self.calls = 0
+        self.shaped = None
+        if config.inference_bn == "shaped":
+            self.shaped = make_shaped_inference(model, config, dataset)
+            forward = self.shaped.logits
+        else:
+            bn_mode = "population" if config.inference_bn == "population" else "batch_frozen"
+
+            def forward(x, seed):
+                del seed
+                return model(x, bn_mode=bn_mode)
+        self._forward = tf.function(forward)
+        self.forward = forward
+
+    def __call__(self, x):
+        seed = tf.constant([self.config.inference_seed, self.calls], tf.int64)
+        self.calls += 1
+        return self._forward(tf.convert_to_tensor(x, tf.float32), seed)
+
+
+def make_shaped_inference(model, config, dataset: data.Dataset) -> shaping.ShapedInference:
+    """The config's BN+Shaping inference, with references from the training images."""
+    ratio = config.inference_ratio
+    chunk = 1 if config.inference_mixing == "per_sample" else \
+        config.eval_batch_size // (ratio + 1)
+    fixed = [config.inference_seed, 0] if config.inference_references == "fixed" else None
+    return shaping.ShapedInference(model, shaping.ReferencePool(dataset.train_images), ratio,
+                                   chunk, fixed_seed=fixed)
+
+
+def make_classifier(model, config, dataset: data.Dataset) -> Classifier:
+    """See `Classifier`."""
+    return Classifier(model, config, dataset)
+
+
+def make_eval_attack(model, config, classifier: Classifier):
+    """`attack(x, y, batch_index) -> x_adv`: the config's PGD, compiled once per shape.
+
+    It differentiates through the classifier's own forward (`eval_attack_bn: inference`, an
+    adaptive attack; for fresh shaped references the attacker uses its own draw, for fixed
+    ones the very references of inference) or through population statistics ('population',
+    the norm-shaping paper's protocol, a transfer when inference is not population).
+    """
+    params = attacks.config_params(config)
+    loss = attacks.LOSSES[params.pop("loss_func")]
+    through_population = (config.eval_attack_bn == "population"
+                          or config.inference_bn == "population")
+
+    def logits_fn(x_adv, batch_index):
+        if through_population:
+            return model(x_adv, bn_mode="population")
+        seed = tf.stack([tf.constant(config.inference_seed, tf.int64),
+                         _ATTACK_STREAM + batch_index])
+        return classifier.forward(x_adv, seed)
+
+    @tf.function
+    def attack(x, y, batch_index):
+        seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), batch_index])
+        return attacks.pgd(lambda z: tf.reduce_sum(loss(logits_fn(z, batch_index), y)), x,
+                           seed=seed, **params)
+
+    return lambda x, y, i: attack(tf.convert_to_tensor(x, tf.float32), y,
+                                  tf.constant(i, tf.int64))
+
+
+def describe(config) -> dict:
+    """Labels saying how the numbers were made: inference mode and attack generation."""
+    r = config.inference_ratio
+    if config.inference_bn == "population":
+        inference = "PN (population statistics)"
+    elif config.inference_bn == "batch":
+        inference = f"BN (statistics of each test batch of {config.eval_batch_size})"
+    else:
+        chunk = 1 if config.inference_mixing == "per_sample" else \
+            config.eval_batch_size // (r + 1)
+        inference = (f"BN+Shaping 1:{r} ({chunk} test + {r * chunk} clean training images per "
+                     f"forward, {config.inference_references} references)")
+    pgd = (f"PGD-{config.num_steps} ({config.loss_func}, eps {config.epsilon:g}, step "
+           f"{config.step_size:g}{', random start' if config.random_start else ''})")
+    if config.inference_bn == "population":
+        attack = f"{pgd} through PN (white-box)"
+    elif config.eval_attack_bn == "population":
+        attack = f"{pgd} generated on PN, classified {inference.split(' (')[0]} (transfer)"
+    elif config.inference_bn == "batch":
+        attack = f"{pgd} through the test batch's statistics (adaptive)"
+    elif config.inference_references == "fixed":
+        attack = f"{pgd} through BN+Shaping with the inference references (exact adaptive)"
+    else:
+        attack = (f"{pgd} through BN+Shaping with the attacker's own reference draw "
+                  f"(adaptive, other references)")
+    return {"inference": inference, "attack": attack}
+
+
+def evaluate(model, dataset: data.Dataset, config, on_batch=None) -> dict:
     """Natural and PGD accuracy and mean cross-entropy on the first `num_eval_examples`
-    test images, in batches of `eval_batch_size`; PGD as configured, through `bn_mode`.
+    test images, in batches of `eval_batch_size`, classified per `inference_bn` and attacked
+    per `eval_attack_bn` (see `describe`).
 
     `on_batch(index, num_batches, nat_correct, adv_correct)` is called after each batch.
-    The random starts are seeded by (np_random_seed, batch index), so a rerun is identical.
+    Random starts and reference draws are seeded, so a rerun is identical.
     """
-    attack = attacks.compile_pgd(model, config, bn_mode)
-    classify = make_classifier(model, config, dataset, bn_mode)
+    classify = make_classifier(model, config, dataset)
+    attack = make_eval_attack(model, config, classify)
 
     def score(x, y):
         logits = classify(x)
@@ -63,18 +162,18 @@ def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
     batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
                                 config.eval_batch_size)
     for i, (x, y) in enumerate(batches):
-        x_adv = attack(x, y, tf.constant([config.np_random_seed, i], tf.int64))
+        x_adv = attack(x, y, i)
         nat_correct, nat_xent = score(x, y)
         adv_correct, adv_xent = score(x_adv, y)
         totals += [int(nat_correct), int(adv_correct), float(nat_xent), float(adv_xent)]
         if on_batch:
             on_batch(i, num_batches, int(nat_correct), int(adv_correct))
     return {"natural_accuracy": totals[0] / n, "adversarial_accuracy": totals[1] / n,
-            "avg_nat_loss": totals[2] / n, "avg_adv_loss": totals[3] / n, "num_examples": n}
+            "avg_nat_loss": totals[2] / n, "avg_adv_loss": totals[3] / n, "num_examples": n,
+            **describe(config)}
 
 
-def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
-                        bn_mode: str = "population", out=print) -> dict:
+def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset, out=print) -> dict:
     """Restore `path` into `model`, evaluate, print Madry's lines, write summaries and a
     metrics line. Returns the metrics."""
     checkpoints.load_weights(model, path)
@@ -91,7 +190,7 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
             bar.update()
 
     start = time.perf_counter()
-    result = evaluate(model, dataset, config, bn_mode, on_batch=on_batch)
+    result = evaluate(model, dataset, config, on_batch=on_batch)
     bar.close()
     eval_dir = os.path.join(config.model_dir, "eval")
     writer = tf.summary.create_file_writer(eval_dir)
@@ -109,11 +208,15 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
             tf.summary.scalar(tag, value)
     writer.flush()
     record = {"step": step, "checkpoint": path, **result,
-              "attack": {**attacks.config_params(config), "bn_mode": bn_mode},
-              "inference_bn": bn_mode, "dataset": dataset.source,
+              "attack_settings": {**attacks.config_params(config),
+                                  "eval_attack_bn": config.eval_attack_bn},
+              "inference_bn": config.inference_bn, "dataset": dataset.source,
               "seconds": round(time.perf_counter() - start, 3),
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
     files.atomic_append_line(os.path.join(eval_dir, "metrics.jsonl"), json.dumps(record))
+    if config.inference_bn != "population":  # Madry's output is unchanged otherwise
+        out(f"inference: {result['inference']}")
+        out(f"attack: {result['attack']}")
     out(f"natural: {nat * 100:.2f}%")
     out(f"adversarial: {adv * 100:.2f}%")
     out(f"avg nat loss: {result['avg_nat_loss']:.4f}")
@@ -122,8 +225,7 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
 
 
 def watch(config, model, dataset: data.Dataset, once: bool = False,
-          checkpoint: str | None = None, bn_mode: str = "population",
-          out=print, sleep=time.sleep) -> list:
+          checkpoint: str | None = None, out=print, sleep=time.sleep) -> list:
     """Madry's eval loop: evaluate each new latest checkpoint in model_dir, forever.
 
     `once` evaluates the latest (or `checkpoint`) and returns; without a checkpoint it is
@@ -136,7 +238,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
             raise checkpoints.CheckpointError(
                 f"no checkpoint in model_dir '{config.model_dir}' to evaluate")
         out(f"Checkpoint {path}, evaluating ...   ({datetime.datetime.now()})")
-        return [evaluate_checkpoint(config, path, model, dataset, bn_mode, out)]
+        return [evaluate_checkpoint(config, path, model, dataset, out)]
     last, waiting = None, False
     records = []
     while True:
@@ -153,7 +255,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
                 print()
             out(f"Checkpoint {path}, evaluating ...   ({datetime.datetime.now()})")
             sys.stdout.flush()
-            records.append(evaluate_checkpoint(config, path, model, dataset, bn_mode, out))
+            records.append(evaluate_checkpoint(config, path, model, dataset, out))
             last, waiting = path, False
         else:
             if not waiting:

@@ -25,7 +25,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files
+from madry_ns import attacks, checkpoints, data, files, shaping
 from madry_ns.models import build_model
 
 
@@ -77,33 +77,100 @@ def weight_decay_loss(model):
     return tf.add_n([tf.nn.l2_loss(v) for v in model.decay_variables()])
 
 
+def make_adversary(model, config):
+    """`fn(x, y, step) -> (x_train, p_clean_logits)`: the batch the update trains on.
+
+    * madry: the whole batch attacked with PGD (xent or cw), Madry's way;
+    * trades: the whole batch attacked with PGD on KL(p_clean || p_adv) from TRADES' start;
+    * with `shaping_ratio` n > 0 the first k = floor(n m / (n + 1)) rows stay clean and the
+      rest are attacked, either through the mixed batch's statistics ('attack_and_train', the
+      method) or as part of a fully attacked batch ('train_only');
+    * natural: the clean batch.
+    The attack runs in `train_attack_bn_mode`. `p_clean_logits` (TRADES only) are the clean
+    batch's logits in that mode, the KL target of the attack.
+    """
+    params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
+                  step_size=config.step_size)
+    trades = config.training_method == "trades"
+    loss = "kl" if trades else config.loss_func
+    bn_mode = config.train_attack_bn_mode
+    ratio = config.shaping_ratio
+
+    def attack_whole(x, y, seed, p_clean):
+        if trades:
+            def kl_loss(x_adv):
+                logits = model(x_adv, bn_mode=bn_mode)
+                return tf.reduce_sum(shaping.kl_divergence(tf.stop_gradient(p_clean), logits))
+            x_init = x + config.trades_init_std * tf.random.stateless_normal(tf.shape(x), seed)
+            return attacks.pgd(kl_loss, x, seed=seed, x_init=x_init, **params)
+        return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed,
+                                  random_start=config.random_start, loss_func=loss, **params)
+
+    def adversary(x, y, step):
+        if config.training_method == "natural":
+            return x, None
+        seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), step])
+        p_clean = model(x, bn_mode=bn_mode) if trades else None
+        if ratio == 0:
+            return attack_whole(x, y, seed, p_clean), p_clean
+        k, _ = shaping.shaping_split(int(x.shape[0]), ratio)
+        if config.shaping_mode == "train_only":
+            x_att = attack_whole(x, y, seed, p_clean)[k:]
+        else:
+            x_att = shaping.attack_slice(
+                model, x, y, ratio=ratio, bn_mode=bn_mode, seed=seed, loss=loss,
+                loss_scope=config.shaping_attack_loss, random_start=config.random_start,
+                p_clean_logits=p_clean, init_std=config.trades_init_std, **params)
+        return tf.concat([x[:k], x_att], 0), p_clean
+
+    return adversary
+
+
+def training_loss(model, config, x, x_train, y):
+    """(total loss, logits on x_train, per-example CE on x_train) in batch_update mode.
+
+    Madry: mean CE on the (possibly mixed) batch. TRADES: CE(clean) + beta * mean
+    KL(p_clean || p_train) with the clean target not detached, as the reference; clean and
+    adversarial batches go through separate forwards, each with its own statistics. With
+    shaping, TRADES updates with plain CE on the mixed batch (the paper) unless
+    shaping_trades_update is 'trades'. Plus Madry's weight decay.
+    """
+    global_batch = config.training_batch_size
+    logits = model(x_train, bn_mode="batch_update")
+    per_example = attacks.xent_loss(logits, y)
+    trades_update = config.training_method == "trades" and (
+        config.shaping_ratio == 0 or config.shaping_trades_update == "trades")
+    if trades_update:
+        clean_logits = model(x, bn_mode="batch_update")
+        loss = tf.nn.compute_average_loss(attacks.xent_loss(clean_logits, y),
+                                          global_batch_size=global_batch)
+        loss += config.trades_beta * tf.nn.compute_average_loss(
+            shaping.kl_divergence(clean_logits, logits), global_batch_size=global_batch)
+    else:
+        loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+    decay = config.weight_decay * weight_decay_loss(model)
+    return loss + tf.nn.scale_regularization_loss(decay), logits, per_example
+
+
 def make_train_step(model, optimizer, config):
     """One compiled function `step(x, y, step) -> metrics`: attack, then update."""
-    params = attacks.config_params(config)
-    global_batch = config.training_batch_size
     train_vars = model.trainable_variables
-
-    def adversarial(x, y, step):
-        if config.training_method == "natural":
-            return x
-        seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), step])
-        return attacks.pgd_attack(model, x, y, bn_mode=config.train_attack_bn_mode, seed=seed,
-                                  **params)
+    adversary = make_adversary(model, config)
+    # The "adv" metrics cover the attacked rows only (all rows without shaping).
+    attacked = slice(shaping.shaping_split(config.training_batch_size, config.shaping_ratio)[0]
+                     if config.shaping_ratio else 0, None)
 
     @tf.function
     def train_step(x, y, step):
-        x_adv = adversarial(x, y, step)
+        x_train, _ = adversary(x, y, step)
         with tf.GradientTape() as tape:
-            logits = model(x_adv, bn_mode="batch_update")
-            per_example = attacks.xent_loss(logits, y)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            decay = config.weight_decay * weight_decay_loss(model)
-            total = loss + tf.nn.scale_regularization_loss(decay)
+            total, logits, per_example = training_loss(model, config, x, x_train, y)
         grads = tape.gradient(total, train_vars)
         optimizer.apply_gradients(zip(grads, train_vars))
-        correct = tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32)
-        return {"adv_accuracy": tf.reduce_mean(correct), "xent": tf.reduce_mean(per_example),
-                "total_loss": total, "x_adv": x_adv}
+        correct = tf.cast(tf.equal(tf.argmax(logits[attacked], 1), y[attacked]), tf.float32)
+        return {"adv_accuracy": tf.reduce_mean(correct),
+                "xent": tf.reduce_mean(per_example[attacked]), "total_loss": total,
+                "x_adv": x_train[attacked]}
 
     return train_step
 
