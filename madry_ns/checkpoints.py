@@ -14,6 +14,7 @@ Resume order (train.py): 1. the latest checkpoint in model_dir; 2. otherwise a f
 from __future__ import annotations
 
 import os
+import re
 
 import tensorflow as tf
 
@@ -21,6 +22,12 @@ from madry_ns.errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint"
 MAX_TO_KEEP = 3
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a `.../checkpoint-<step>` name (0 when the name has none)."""
+    match = re.search(r"-(\d+)$", path)
+    return int(match.group(1)) if match else 0
 
 
 class Checkpointer:
@@ -45,6 +52,70 @@ class Checkpointer:
         return path
 
 
+def _variable_keys(checkpoint: tf.train.Checkpoint) -> dict:
+    """id(variable) -> the key it is saved under ('model/unit_1_0/bn1/gamma')."""
+    view = tf.train.TrackableView(checkpoint)
+    keys, queue, seen = {}, [((), checkpoint)], set()
+    while queue:
+        path, obj = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for name, child in view.children(obj).items():
+            if isinstance(child, tf.Variable) or (hasattr(child, "_shared_name")
+                                                  and hasattr(child, "shape")):
+                keys.setdefault(id(child), "/".join(path + (name,)))
+            else:
+                queue.append((path + (name,), child))
+    return keys
+
+
+def _saved_shapes(path: str) -> dict:
+    """Object path ('model/unit_1_0/bn1/gamma') -> saved shape, read from the checkpoint's own
+    object graph. (A variable is stored under its shortest path, which for trainable weights
+    runs through the optimizer, so names alone would not find it.)"""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    reader = tf.train.load_checkpoint(path)
+    shapes = reader.get_variable_to_shape_map()
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    found, queue, seen = {}, [((), 0)], set()
+    while queue:
+        names, node_id = queue.pop(0)
+        node = graph.nodes[node_id]
+        for attribute in node.attributes:  # every path to a variable, not just the first
+            if attribute.name == "VARIABLE_VALUE" and attribute.checkpoint_key in shapes:
+                found["/".join(names)] = shapes[attribute.checkpoint_key]
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        for child in node.children:
+            queue.append((names + (child.local_name,), child.node_id))
+    return found
+
+
+def check_compatible(model, path: str) -> None:
+    """Raise CheckpointError naming the first model variable (in model order) that the
+    checkpoint at `path` lacks or holds with another shape."""
+    saved = _saved_shapes(path)
+    keys = _variable_keys(tf.train.Checkpoint(model=model))
+    for var in model.weights:
+        key = keys.get(id(var))
+        if key is None:
+            continue
+        if key not in saved:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match this model: it has no variable '{key}' "
+                f"(shape {list(var.shape)}); it was written for another architecture (check "
+                f"\"model\" and \"model_width\" in the config)")
+        if list(saved[key]) != list(var.shape):
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match this model: variable '{key}' has shape "
+                f"{list(saved[key])} in the checkpoint, the model expects {list(var.shape)} "
+                f"(another \"model_width\"?)")
+
+
 def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
     """Restore `checkpoint` from `path`, turning TensorFlow's errors into one clear message.
 
@@ -54,13 +125,14 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -
     if not os.path.exists(path + ".index"):
         raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
     try:
+        check_compatible(checkpoint.model, path)
         status = checkpoint.read(path)
         status.assert_existing_objects_matched()
         if partial:
             status.expect_partial()
-    except (tf.errors.DataLossError, tf.errors.OpError) as e:
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: a truncated data file
         raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
-                              f"corrupted ({type(e).__name__}: {e.message[:300]})") from None
+                              f"corrupted ({type(e).__name__}: {str(e)[:300]})") from None
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"checkpoint '{path}' does not match this model "
                               f"(another architecture or width?): {str(e)[:600]}") from None

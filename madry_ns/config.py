@@ -128,6 +128,9 @@ class Config:
         "batch_update", "BN mode of the training attack: 'batch_update' (Madry: every attack step "
         "updates the moving averages), 'batch_frozen' (batch statistics, no update) or "
         "'population'", _one_of(*BN_MODES))
+    on_nonfinite: str = _key(
+        "stop", "A non-finite loss, gradient or weight: 'stop' (exit non-zero, last good "
+        "checkpoint kept as latest) or 'skip' (skip and log the batch)", _one_of("stop", "skip"))
 
     # ----- batch-norm shaping (Zhang & Ma, ICTAI 2022) -----
     shaping_ratio: int = _key(0, "n of the n:1 clean:attacked training mix; 0 = off (Madry), "

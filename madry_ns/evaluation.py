@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import sys
 import time
 
@@ -21,12 +20,6 @@ from madry_ns import attacks, checkpoints, data, files, shaping
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
-
-
-def checkpoint_step(path: str) -> int:
-    """The step in a `.../checkpoint-<step>` name (0 when the name has none)."""
-    match = re.search(r"-(\d+)$", path)
-    return int(match.group(1)) if match else 0
 
 
 # Stateless seed streams: classification draws use (inference_seed, call index), the
@@ -177,7 +170,7 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset, out=pri
     """Restore `path` into `model`, evaluate, print Madry's lines, write summaries and a
     metrics line. Returns the metrics."""
     checkpoints.load_weights(model, path)
-    step = checkpoint_step(path)
+    step = checkpoints.checkpoint_step(path)
     verbose_batches = not is_terminal(sys.stdout)
     bar = Progress(-(-config.num_eval_examples // config.eval_batch_size), "evaluating")
 

@@ -19,13 +19,17 @@ Where this differs from Madry, on purpose:
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import signal
+import threading
 import time
 
 import keras
 import tensorflow as tf
 
 from madry_ns import attacks, checkpoints, data, files, shaping
+from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
 
@@ -152,27 +156,76 @@ def training_loss(model, config, x, x_train, y):
     return loss + tf.nn.scale_regularization_loss(decay), logits, per_example
 
 
-def make_train_step(model, optimizer, config):
-    """One compiled function `step(x, y, step) -> metrics`: attack, then update."""
-    train_vars = model.trainable_variables
-    adversary = make_adversary(model, config)
-    # The "adv" metrics cover the attacked rows only (all rows without shaping).
-    attacked = slice(shaping.shaping_split(config.training_batch_size, config.shaping_ratio)[0]
-                     if config.shaping_ratio else 0, None)
+class TrainStep:
+    """`step(x, y, step) -> metrics`: attack, loss and gradients in one compiled function,
+    then, if the loss and every gradient are finite, the update in a second one.
 
-    @tf.function
-    def train_step(x, y, step):
-        x_train, _ = adversary(x, y, step)
+    The split lets a non-finite step leave the weights and optimizer untouched without a
+    `tf.cond` around `apply_gradients` (which cannot merge across replicas). With
+    `on_nonfinite: "skip"` the BN moving statistics the attack and forward changed are put
+    back too and the step counter still advances, so data order and learning rate stay
+    aligned with the step. `metrics["finite"]` says whether the update was applied.
+    """
+
+    def __init__(self, model, optimizer, config):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.train_vars = model.trainable_variables
+        self.bn_stats = [v for bn in model.bn_layers()
+                         for v in (bn.moving_mean, bn.moving_variance)]
+        self.adversary = make_adversary(model, config)
+        # The "adv" metrics cover the attacked rows only (all rows without shaping).
+        k = shaping.shaping_split(config.training_batch_size, config.shaping_ratio)[0] \
+            if config.shaping_ratio else 0
+        self.attacked = slice(k, None)
+        self._compute = tf.function(self._compute_fn)
+        self._apply = tf.function(self._apply_fn)
+        self._snapshot = tf.function(lambda: [tf.identity(v) for v in self.bn_stats])
+        self._restore = tf.function(self._restore_fn)
+
+    def _compute_fn(self, x, y, step):
+        x_train, _ = self.adversary(x, y, step)
         with tf.GradientTape() as tape:
-            total, logits, per_example = training_loss(model, config, x, x_train, y)
-        grads = tape.gradient(total, train_vars)
-        optimizer.apply_gradients(zip(grads, train_vars))
-        correct = tf.cast(tf.equal(tf.argmax(logits[attacked], 1), y[attacked]), tf.float32)
-        return {"adv_accuracy": tf.reduce_mean(correct),
-                "xent": tf.reduce_mean(per_example[attacked]), "total_loss": total,
-                "x_adv": x_train[attacked]}
+            total, logits, per_example = training_loss(self.model, self.config, x, x_train, y)
+        grads = tape.gradient(total, self.train_vars)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+                               + [tf.math.is_finite(total)])
+        a = self.attacked
+        correct = tf.cast(tf.equal(tf.argmax(logits[a], 1), y[a]), tf.float32)
+        return grads, {"adv_accuracy": tf.reduce_mean(correct),
+                       "xent": tf.reduce_mean(per_example[a]), "total_loss": total,
+                       "x_adv": x_train[a], "finite": finite}
 
-    return train_step
+    def _apply_fn(self, grads):
+        self.optimizer.apply_gradients(zip(grads, self.train_vars))
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.train_vars])
+
+    def _restore_fn(self, values):
+        for var, value in zip(self.bn_stats, values):
+            var.assign(value)
+        self.optimizer.iterations.assign_add(1)
+
+    def __call__(self, x, y, step):
+        skip = self.config.on_nonfinite == "skip"
+        saved = self._snapshot() if skip else None
+        grads, metrics = self._compute(x, y, step)
+        if bool(metrics["finite"]):
+            metrics["weights_finite"] = bool(self._apply(grads))
+        elif skip:
+            self._restore(saved)
+        return metrics
+
+
+def make_train_step(model, optimizer, config) -> TrainStep:
+    """See `TrainStep`."""
+    return TrainStep(model, optimizer, config)
+
+
+class TrainingStopped(UserError):
+    """Training ended early: interrupted by a signal, or a non-finite loss or weight."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def make_batch_accuracy(model):
@@ -192,7 +245,14 @@ def seed_everything(config) -> None:
 
 
 def train(config, out=print) -> str:
-    """Train as `python train.py` does; return the final checkpoint path."""
+    """Train as `python train.py` does; return the final checkpoint path.
+
+    SIGINT and SIGTERM finish the running step, write `checkpoint-<step>` and raise
+    `TrainingStopped` (exit status 128 + signal); running again resumes there. A non-finite
+    loss, gradient or weight stops training (`on_nonfinite: "stop"`) without saving, so the
+    last good checkpoint stays the latest, or skips the batch ("skip", logged to the console
+    and `model_dir/nonfinite.jsonl`).
+    """
     seed_everything(config)
     dataset = data.load_dataset(config)
     model = build_model(config)
@@ -217,40 +277,91 @@ def train(config, out=print) -> str:
     writer = tf.summary.create_file_writer(config.model_dir)
     training_time = 0.0
     last_report = None
+    last_saved = restored
 
-    for ii in range(start, config.max_num_training_steps):
-        step, x, y = next(batches)
-        if ii % config.num_checkpoint_steps == 0 and not (restored and ii == start):
-            checkpointer.save(ii)
-        report = ii % config.num_output_steps == 0
-        if report:
-            nat_acc = float(batch_accuracy(x, y))
-        t0 = time.perf_counter()
-        metrics = train_step(x, y, step)
-        adv_acc = float(metrics["adv_accuracy"])  # also waits for the step to finish
-        training_time += time.perf_counter() - t0
-        if report:
-            if config.training_method == "natural":
-                # No attack in the step: measure robustness of this batch for the report.
-                if nat_accuracy_attack is None:
-                    nat_accuracy_attack = attacks.compile_pgd(model, config, "batch_frozen")
-                x_pgd = nat_accuracy_attack(x, y, tf.constant([config.np_random_seed, ii],
-                                                              tf.int64))
-                adv_acc = float(batch_accuracy(x_pgd, y))
-            out(f"Step {ii}:    ({datetime.datetime.now()})")
-            out(f"    training nat accuracy {nat_acc * 100:.4}%")
-            out(f"    training adv accuracy {adv_acc * 100:.4}%")
-            if last_report is not None:
-                out(f"    {config.num_output_steps * config.training_batch_size / training_time}"
-                    f" examples per second")
-            last_report = ii
-            training_time = 0.0
-        if ii % config.num_summary_steps == 0:
-            _write_summaries(writer, ii, metrics, optimizer)
+    with _StopOnSignals() as stop:
+        for ii in range(start, config.max_num_training_steps):
+            if stop.signum is not None:
+                path = last_saved if (last_saved and checkpoints.checkpoint_step(last_saved) == ii) \
+                    else checkpointer.save(ii)
+                raise TrainingStopped(
+                    f"interrupted by {signal.Signals(stop.signum).name} at step {ii}: saved "
+                    f"{path}; run train.py again to resume", 128 + stop.signum)
+            step, x, y = next(batches)
+            if ii % config.num_checkpoint_steps == 0 and not (restored and ii == start):
+                last_saved = checkpointer.save(ii)
+            report = ii % config.num_output_steps == 0
+            if report:
+                nat_acc = float(batch_accuracy(x, y))
+            t0 = time.perf_counter()
+            metrics = train_step(x, y, step)
+            finite = bool(metrics["finite"])  # also waits for the step to finish
+            training_time += time.perf_counter() - t0
+            if not finite or not metrics.get("weights_finite", True):
+                _nonfinite(config, ii, metrics, last_saved, out)
+                continue
+            if report:
+                adv_acc = float(metrics["adv_accuracy"])
+                if config.training_method == "natural":
+                    # No attack in the step: measure robustness of this batch for the report.
+                    if nat_accuracy_attack is None:
+                        nat_accuracy_attack = attacks.compile_pgd(model, config,
+                                                                  "batch_frozen")
+                    x_pgd = nat_accuracy_attack(
+                        x, y, tf.constant([config.np_random_seed, ii], tf.int64))
+                    adv_acc = float(batch_accuracy(x_pgd, y))
+                out(f"Step {ii}:    ({datetime.datetime.now()})")
+                out(f"    training nat accuracy {nat_acc * 100:.4}%")
+                out(f"    training adv accuracy {adv_acc * 100:.4}%")
+                if last_report is not None:
+                    out(f"    {config.num_output_steps * config.training_batch_size / training_time}"
+                        f" examples per second")
+                last_report = ii
+                training_time = 0.0
+            if ii % config.num_summary_steps == 0:
+                _write_summaries(writer, ii, metrics, optimizer)
     writer.flush()
     if restored and start >= config.max_num_training_steps:
         return restored
     return checkpointer.save(config.max_num_training_steps)
+
+
+def _nonfinite(config, step, metrics, last_saved, out):
+    what = "loss or gradient" if not bool(metrics["finite"]) else "weight after the update"
+    loss = float(metrics["total_loss"])
+    if config.on_nonfinite == "skip" and not bool(metrics["finite"]):
+        out(f"Step {step}: non-finite {what} (loss {loss}); batch skipped "
+            f"(on_nonfinite: skip)")
+        files.atomic_append_line(os.path.join(config.model_dir, "nonfinite.jsonl"),
+                                 json.dumps({"step": step, "loss": str(loss)}))
+        return
+    raise TrainingStopped(
+        f"non-finite {what} at step {step} (loss {loss}); training stopped without saving, so "
+        f"the latest checkpoint is still the last good one ({last_saved or 'none yet'}). "
+        f"Lower the learning rate or check the data; on_nonfinite: \"skip\" skips such "
+        f"batches instead.", 1)
+
+
+class _StopOnSignals:
+    """Record SIGINT/SIGTERM instead of dying mid-step (main thread only)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        del frame
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _write_summaries(writer, step, metrics, optimizer):
