@@ -100,10 +100,12 @@ def make_train_step(model, optimizer, config):
             decay = config.weight_decay * weight_decay_loss(model)
             total = loss + tf.nn.scale_regularization_loss(decay)
         grads = tape.gradient(total, train_vars)
+        # Read before the update increments `iterations`: the rate this step uses.
+        learning_rate = tf.identity(optimizer.learning_rate)
         optimizer.apply_gradients(zip(grads, train_vars))
         correct = tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32)
         return {"adv_accuracy": tf.reduce_mean(correct), "xent": tf.reduce_mean(per_example),
-                "total_loss": total, "x_adv": x_adv}
+                "total_loss": total, "x_adv": x_adv, "learning_rate": learning_rate}
 
     return train_step
 
@@ -179,14 +181,14 @@ def train(config, out=print) -> str:
             last_report = ii
             training_time = 0.0
         if ii % config.num_summary_steps == 0:
-            _write_summaries(writer, ii, metrics, optimizer)
+            _write_summaries(writer, ii, metrics)
     writer.flush()
     if restored and start >= config.max_num_training_steps:
         return restored
     return checkpointer.save(config.max_num_training_steps)
 
 
-def _write_summaries(writer, step, metrics, optimizer):
+def _write_summaries(writer, step, metrics):
     """Madry's tags, as TF1 wrote them (spaces became underscores), plus two of ours."""
     acc, xent = metrics["adv_accuracy"], metrics["xent"]
     with writer.as_default(step=step):
@@ -195,6 +197,6 @@ def _write_summaries(writer, step, metrics, optimizer):
         tf.summary.scalar("xent_adv_train", xent)
         tf.summary.scalar("xent_adv", xent)
         tf.summary.image("images_adv_train", metrics["x_adv"][:3] / 255.0, max_outputs=3)
-        tf.summary.scalar("learning_rate", optimizer.learning_rate)
+        tf.summary.scalar("learning_rate", metrics["learning_rate"])
         tf.summary.scalar("loss_total", metrics["total_loss"])
 
