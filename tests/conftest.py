@@ -113,19 +113,19 @@ def make_tiny_config(tmp_path, **overrides):
     return config_lib.from_dict(values, source="tiny_config")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def madry_pickles():
     """`madry_pickles(tmp_path, n_train_per_batch, n_test, protocol=2)` -> written arrays."""
     return make_madry_pickles
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_pickle():
     """`write_pickle(obj, path, protocol)`; protocol "py2" imitates Python 2's files."""
     return dump_pickle
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     """`tiny_config(tmp_path, **overrides)` -> Config."""
     return make_tiny_config
