@@ -49,3 +49,26 @@ def test_quickstart_trains_then_prints_clean_and_pgd_accuracy(tmp_path):
         record = json.loads(f.readline())
     assert record["step"] == 20 and record["num_examples"] == 300
     assert f"{record['natural_accuracy'] * 100:.2f}" == natural.group(1)
+
+
+@pytest.mark.slow
+def test_madry_verbatim_config_trains_on_madry_pickles(tmp_path, madry_pickles):
+    # "Done when": Madry's own config.json, read from the working directory as his scripts
+    # do, with only the step count and the width lowered and data_path at Madry-format files.
+    data_path = madry_pickles(tmp_path, n_train_per_batch=26, n_test=10)["data_path"]
+    with open(os.path.join(ROOT, "tests", "data", "madry_config.json")) as f:
+        (tmp_path / "config.json").write_text(f.read())
+    out = _run([os.path.join(ROOT, "train.py"), "--set", "max_num_training_steps=2",
+                "--set", "model_width=1", "--set", f"data_path={data_path}"], tmp_path)
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"Step 0:    \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?\)", lines[0])
+    assert re.fullmatch(r"    training nat accuracy \d+(\.\d+)?%", lines[1])
+    assert re.fullmatch(r"    training adv accuracy \d+(\.\d+)?%", lines[2])
+    model_dir = tmp_path / "models" / "a_very_robust_model"
+    files = set(os.listdir(model_dir))
+    assert {"checkpoint", "config.json", "checkpoint-0.index", "checkpoint-2.index"} <= files
+    assert any(f.startswith("events.out.tfevents.") for f in files)
+    with open(model_dir / "config.json") as f:
+        copied = json.load(f)
+    assert copied["training_batch_size"] == 128 and copied["num_steps"] == 10
+    assert copied["max_num_training_steps"] == 2 and copied["model_width"] == 1
