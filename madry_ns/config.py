@@ -236,12 +236,13 @@ def from_dict(raw: dict, source: str = "config") -> Config:
             problems.append(f"key '{name}' has value {json.dumps(value)}, expected "
                             f"{_EXPECTED_TYPE[kind]}" + (" or null" if optional else ""))
             continue
+        written = value  # quoted in messages as the user wrote it (1, not 1.0)
         if kind is float:
             value = float(value)
         check = f.metadata["check"]
         expected = check(value) if check else None
         if expected:
-            problems.append(f"key '{name}' has value {json.dumps(value)}, expected {expected}")
+            problems.append(f"key '{name}' has value {json.dumps(written)}, expected {expected}")
         values[name] = value
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(problems))

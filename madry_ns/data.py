@@ -155,8 +155,8 @@ def load_tfds_cifar10(data_dir: str | None = None) -> Dataset:
     import tensorflow_datasets as tfds
 
     try:
-        (tx, ty), (vx, vy) = tfds.load("cifar10", split=["train", "test"], as_supervised=True,
-                                       batch_size=-1, download=False, data_dir=data_dir)
+        splits = tfds.load("cifar10", split=["train", "test"], as_supervised=True,
+                           download=False, data_dir=data_dir)
     except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) \
             as e:
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
@@ -168,9 +168,20 @@ def load_tfds_cifar10(data_dir: str | None = None) -> Dataset:
             f"machine with network access, run: python -c \"import tensorflow_datasets as "
             f"tfds; tfds.builder('cifar10').download_and_prepare()\". For an offline demo use "
             f"\"dataset\": \"digits\".") from None
-    return Dataset(np.asarray(tx, np.uint8), np.asarray(ty, np.int64),
-                   np.asarray(vx, np.uint8), np.asarray(vy, np.int64), list(CIFAR10_LABELS),
+    # Batched by hand: batch_size=-1 sizes one batch from the dataset's metadata and, where
+    # that is missing (tfds.testing.mock_data), asks for sys.maxsize and aborts the process.
+    (tx, ty), (vx, vy) = [_split_to_numpy(tfds, split) for split in splits]
+    return Dataset(tx.astype(np.uint8), ty.astype(np.int64), vx.astype(np.uint8),
+                   vy.astype(np.int64), list(CIFAR10_LABELS),
                    source="tensorflow_datasets cifar10")
+
+
+def _split_to_numpy(tfds, split) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for x, y in tfds.as_numpy(split.batch(10000)):
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def load_digits() -> Dataset:

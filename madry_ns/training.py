@@ -193,7 +193,9 @@ class TrainStep:
         correct = tf.cast(tf.equal(tf.argmax(logits[a], 1), y[a]), tf.float32)
         return grads, {"adv_accuracy": tf.reduce_mean(correct),
                        "xent": tf.reduce_mean(per_example[a]), "total_loss": total,
-                       "x_adv": x_train[a], "finite": finite}
+                       "x_adv": x_train[a], "finite": finite,
+                       # Read before the update increments `iterations`: this step's rate.
+                       "learning_rate": tf.identity(self.optimizer.learning_rate)}
 
     def _apply_fn(self, grads):
         self.optimizer.apply_gradients(zip(grads, self.train_vars))
@@ -319,7 +321,7 @@ def train(config, out=print) -> str:
                 last_report = ii
                 training_time = 0.0
             if ii % config.num_summary_steps == 0:
-                _write_summaries(writer, ii, metrics, optimizer)
+                _write_summaries(writer, ii, metrics)
     writer.flush()
     if restored and start >= config.max_num_training_steps:
         return restored
@@ -364,7 +366,7 @@ class _StopOnSignals:
             signal.signal(sig, handler)
 
 
-def _write_summaries(writer, step, metrics, optimizer):
+def _write_summaries(writer, step, metrics):
     """Madry's tags, as TF1 wrote them (spaces became underscores), plus two of ours."""
     acc, xent = metrics["adv_accuracy"], metrics["xent"]
     with writer.as_default(step=step):
@@ -373,6 +375,6 @@ def _write_summaries(writer, step, metrics, optimizer):
         tf.summary.scalar("xent_adv_train", xent)
         tf.summary.scalar("xent_adv", xent)
         tf.summary.image("images_adv_train", metrics["x_adv"][:3] / 255.0, max_outputs=3)
-        tf.summary.scalar("learning_rate", optimizer.learning_rate)
+        tf.summary.scalar("learning_rate", metrics["learning_rate"])
         tf.summary.scalar("loss_total", metrics["total_loss"])
 

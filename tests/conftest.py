@@ -1,0 +1,131 @@
+"""Shared fixtures: quiet TensorFlow, Madry-format CIFAR-10 pickles, tiny configs.
+
+Files in Madry's format are written here from scratch (CIFAR-10 itself is not available
+offline); each test that needs data gets its own small set in `tmp_path`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+# Before anything imports TensorFlow: keep its C++ banner out of the test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog",
+               b"horse", b"ship", b"truck"]
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class Py2StylePickler(pickle._Pickler):
+    """Pickles the way Python 2 wrote the real CIFAR-10 files: protocol 2, byte strings as
+    BINSTRING opcodes (not `_codecs.encode`), numpy functions under `numpy.core.*`."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj):  # a Python 2 `str` is a byte string
+        self.save_bytes(obj.encode("latin1"))
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None)
+        name = name or obj.__qualname__
+        if module and module.startswith("numpy._core"):
+            module = module.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+    dispatch[type] = save_global
+
+
+def dump_pickle(obj, path, protocol):
+    """Write `obj` to `path`; protocol "py2" imitates the files Python 2 wrote."""
+    with open(path, "wb") as f:
+        if protocol == "py2":
+            Py2StylePickler(f, protocol=2).dump(obj)
+        else:
+            pickle.dump(obj, f, protocol=protocol)
+
+
+def cifar_batch(images_nhwc: np.ndarray, labels, batch_label: bytes) -> dict:
+    """A CIFAR-10 python batch dict: channel-major rows (1024 R, 1024 G, 1024 B)."""
+    n = len(images_nhwc)
+    return {b"batch_label": batch_label,
+            b"labels": [int(v) for v in labels],
+            b"data": np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2).reshape(n, 3072)),
+            b"filenames": [f"img_{i:05d}.png".encode() for i in range(n)]}
+
+
+def make_madry_pickles(path, n_train_per_batch: int = 8, n_test: int = 8, protocol=2,
+                       seed: int = 0) -> dict:
+    """Write data_batch_1..5, test_batch and batches.meta to `path/cifar10_data`.
+
+    Returns the NHWC images and labels written, for comparison: `train_images`,
+    `train_labels` (the five batches concatenated in file order), `test_images`,
+    `test_labels`, `data_path`.
+    """
+    rng = np.random.default_rng(seed)
+    data_path = os.path.join(str(path), "cifar10_data")
+    os.makedirs(data_path, exist_ok=True)
+    train_x, train_y = [], []
+    for i, name in enumerate(TRAIN_FILES):
+        x = rng.integers(0, 256, (n_train_per_batch, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, n_train_per_batch)
+        dump_pickle(cifar_batch(x, y, f"training batch {i + 1} of 5".encode()),
+                    os.path.join(data_path, name), protocol)
+        train_x.append(x)
+        train_y.append(y)
+    test_x = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
+    test_y = rng.integers(0, 10, n_test)
+    dump_pickle(cifar_batch(test_x, test_y, b"testing batch 1 of 1"),
+                os.path.join(data_path, "test_batch"), protocol)
+    dump_pickle({b"label_names": list(LABEL_NAMES), b"num_cases_per_batch": n_train_per_batch,
+                 b"num_vis": 3072}, os.path.join(data_path, "batches.meta"), protocol)
+    return {"data_path": data_path, "train_images": np.concatenate(train_x),
+            "train_labels": np.concatenate(train_y), "test_images": test_x,
+            "test_labels": test_y}
+
+
+def make_tiny_config(tmp_path, **overrides):
+    """A validated Config for seconds-long runs: digits, narrow WRN, batch 8, PGD-2."""
+    from madry_ns import config as config_lib
+
+    values = {"model_dir": os.path.join(str(tmp_path), "model"), "dataset": "digits",
+              "model_width": 1, "training_batch_size": 8, "max_num_training_steps": 4,
+              "num_output_steps": 2, "num_summary_steps": 2, "num_checkpoint_steps": 2,
+              "step_size_schedule": [[0, 0.1], [2, 0.01]], "num_eval_examples": 16,
+              "eval_batch_size": 8, "epsilon": 8.0, "num_steps": 2, "step_size": 4.0,
+              "augmentation": "madry"}
+    values.update(overrides)
+    return config_lib.from_dict(values, source="tiny_config")
+
+
+@pytest.fixture(scope="session")
+def madry_pickles():
+    """`madry_pickles(tmp_path, n_train_per_batch, n_test, protocol=2)` -> written arrays."""
+    return make_madry_pickles
+
+
+@pytest.fixture(scope="session")
+def write_pickle():
+    """`write_pickle(obj, path, protocol)`; protocol "py2" imitates Python 2's files."""
+    return dump_pickle
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`tiny_config(tmp_path, **overrides)` -> Config."""
+    return make_tiny_config
