@@ -85,10 +85,12 @@ def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: floa
         return tape.gradient(loss, x_adv)
 
     return _linf_ascent(gradient, x, epsilon=epsilon, num_steps=num_steps,
-                        step_size=step_size, random_start=random_start, seed=seed)
+                        step_size=step_size, random_start=random_start, seed=seed,
+                        x_init=x_init)
 
 
-def _linf_ascent(gradient: Callable, x, *, epsilon, num_steps, step_size, random_start, seed):
+def _linf_ascent(gradient: Callable, x, *, epsilon, num_steps, step_size, random_start, seed,
+                 x_init=None):
     """The loop shared by `pgd` and `eot_pgd`: `gradient(step, x_adv)` gives the ascent
     direction of step `step` (a scalar int32 tensor)."""
     check_params(epsilon, num_steps, step_size)
