@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import sys
 import time
 
@@ -21,12 +20,6 @@ from madry_ns import attacks, checkpoints, data, files
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
-
-
-def checkpoint_step(path: str) -> int:
-    """The step in a `.../checkpoint-<step>` name (0 when the name has none)."""
-    match = re.search(r"-(\d+)$", path)
-    return int(match.group(1)) if match else 0
 
 
 def make_classifier(model, config, dataset: data.Dataset, bn_mode: str = "population"):
@@ -41,6 +34,18 @@ def make_classifier(model, config, dataset: data.Dataset, bn_mode: str = "popula
     return classify
 
 
+def make_eval_attack(model, config, bn_mode: str = "population"):
+    """`attack(x, y, batch_index) -> x_adv`: the config's PGD as eval.py and pgd_attack.py
+    run it, compiled once. Batch i's random start is seeded by (np_random_seed, i), so
+    pgd_attack.py stores exactly the examples eval.py scores."""
+    compiled = attacks.compile_pgd(model, config, bn_mode)
+
+    def attack(x, y, batch_index: int):
+        return compiled(x, y, tf.constant([config.np_random_seed, batch_index], tf.int64))
+
+    return attack
+
+
 def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
              on_batch=None) -> dict:
     """Natural and PGD accuracy and mean cross-entropy on the first `num_eval_examples`
@@ -49,7 +54,7 @@ def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
     `on_batch(index, num_batches, nat_correct, adv_correct)` is called after each batch.
     The random starts are seeded by (np_random_seed, batch index), so a rerun is identical.
     """
-    attack = attacks.compile_pgd(model, config, bn_mode)
+    attack = make_eval_attack(model, config, bn_mode)
     classify = make_classifier(model, config, dataset, bn_mode)
 
     def score(x, y):
@@ -63,7 +68,7 @@ def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
     batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
                                 config.eval_batch_size)
     for i, (x, y) in enumerate(batches):
-        x_adv = attack(x, y, tf.constant([config.np_random_seed, i], tf.int64))
+        x_adv = attack(x, y, i)
         nat_correct, nat_xent = score(x, y)
         adv_correct, adv_xent = score(x_adv, y)
         totals += [int(nat_correct), int(adv_correct), float(nat_xent), float(adv_xent)]
@@ -73,12 +78,43 @@ def evaluate(model, dataset: data.Dataset, config, bn_mode: str = "population",
             "avg_nat_loss": totals[2] / n, "avg_adv_loss": totals[3] / n, "num_examples": n}
 
 
+def generate_adversarial(model, dataset: data.Dataset, config, bn_mode: str = "population",
+                         on_batch=None) -> np.ndarray:
+    """PGD examples for the first `num_eval_examples` test images, as pgd_attack.py stores
+    them: float64, (num_eval_examples, 32, 32, 3), 0-255, test order. They are the very
+    examples `evaluate` scores (same attack, same seeds, same batches).
+
+    `on_batch(index, num_batches, batch_size)` is called after each batch.
+    """
+    attack = make_eval_attack(model, config, bn_mode)
+    n = config.num_eval_examples
+    num_batches = -(-n // config.eval_batch_size)
+    out = []
+    batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
+                                config.eval_batch_size)
+    for i, (x, y) in enumerate(batches):
+        out.append(np.asarray(attack(x, y, i), np.float64))
+        if on_batch:
+            on_batch(i, num_batches, len(x))
+    return np.concatenate(out)
+
+
+def predict(classify, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Predicted labels (int64, Madry's `predictions`) of `classify` on `images` (0-255),
+    in batches of `batch_size`."""
+    labels = []
+    for start in range(0, len(images), batch_size):
+        x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
+        labels.append(tf.argmax(classify(x), axis=1).numpy())
+    return np.concatenate(labels).astype(np.int64)
+
+
 def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
                         bn_mode: str = "population", out=print) -> dict:
     """Restore `path` into `model`, evaluate, print Madry's lines, write summaries and a
     metrics line. Returns the metrics."""
     checkpoints.load_weights(model, path)
-    step = checkpoint_step(path)
+    step = checkpoints.checkpoint_step(path)
     verbose_batches = not is_terminal(sys.stdout)
     bar = Progress(-(-config.num_eval_examples // config.eval_batch_size), "evaluating")
 
@@ -97,17 +133,17 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset,
     writer = tf.summary.create_file_writer(eval_dir)
     nat, adv = result["natural_accuracy"], result["adversarial_accuracy"]
     with writer.as_default(step=step):
-        # Madry's eval tags keep their spaces; the underscore ones are the names train.py
-        # writes, so train and eval curves overlay in TensorBoard (Madry's did not).
+        # Madry's eval tags keep their spaces, while TF1 rewrote his train tags to
+        # underscores, so his shared 'accuracy adv' / 'xent adv' never met the train curves.
+        # The underscore names below are the ones train.py writes: they overlay.
         for tag, value in [("xent adv eval", result["avg_adv_loss"]),
                            ("xent adv", result["avg_adv_loss"]),
                            ("xent nat", result["avg_nat_loss"]),
                            ("accuracy adv eval", adv), ("accuracy adv", adv),
                            ("accuracy nat", nat),
-                           ("xent_adv", result["avg_adv_loss"]), ("accuracy_adv", adv),
-                           ("xent_nat", result["avg_nat_loss"]), ("accuracy_nat", nat)]:
+                           ("xent_adv", result["avg_adv_loss"]), ("accuracy_adv", adv)]:
             tf.summary.scalar(tag, value)
-    writer.flush()
+    writer.close()  # one small event file per evaluation; no handle kept open
     record = {"step": step, "checkpoint": path, **result,
               "attack": {**attacks.config_params(config), "bn_mode": bn_mode},
               "inference_bn": bn_mode, "dataset": dataset.source,
@@ -131,7 +167,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
     """
     os.makedirs(os.path.join(config.model_dir, "eval"), exist_ok=True)
     if checkpoint or once:
-        path = checkpoint or tf.train.latest_checkpoint(config.model_dir)
+        path = checkpoint or checkpoints.latest_checkpoint(config.model_dir)
         if path is None:
             raise checkpoints.CheckpointError(
                 f"no checkpoint in model_dir '{config.model_dir}' to evaluate")
@@ -140,7 +176,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
     last, waiting = None, False
     records = []
     while True:
-        path = tf.train.latest_checkpoint(config.model_dir)
+        path = checkpoints.latest_checkpoint(config.model_dir)
         if path is None:
             if not waiting:
                 print("No checkpoint yet, waiting ...", end="", flush=True)
