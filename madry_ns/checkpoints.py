@@ -80,19 +80,18 @@ def is_madry_tf1(path: str) -> bool:
     TF2 object-based checkpoints (ours) always hold the object graph; name-based ones never
     do, so this also recognizes a TF1 checkpoint that lacks some of Madry's variables.
     """
-    return OBJECT_GRAPH_KEY not in dict(tf.train.list_variables(path))
+    try:
+        return OBJECT_GRAPH_KEY not in dict(tf.train.list_variables(path))
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
+                              f"corrupted ({type(e).__name__})") from None
 
 
 def load_weights(model, path: str) -> None:
     """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name)."""
     if not os.path.exists(path + ".index"):
         raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
-    try:
-        tf1 = is_madry_tf1(path)
-    except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
-                              f"corrupted ({type(e).__name__})") from None
-    if tf1:
+    if is_madry_tf1(path):
         load_madry_tf1(model, path)
     else:
         restore(tf.train.Checkpoint(model=model), path, partial=True)
@@ -212,12 +211,7 @@ def load_model(path: str):
     from the `config.json` train.py writes into model_dir (next to the checkpoint).
     """
     prefix = resolve(path)
-    try:
-        tf1 = is_madry_tf1(prefix)
-    except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{prefix}' cannot be read; it may be truncated or "
-                              f"corrupted ({type(e).__name__})") from None
-    if tf1:
+    if is_madry_tf1(prefix):
         model = models.MadryWRN(width=madry_tf1_width(prefix)).build_for_input()
     else:
         config_path = os.path.join(os.path.dirname(prefix), "config.json")

@@ -158,11 +158,11 @@ def _madry_tf1_logits(tf, x_input, width: int, bn_layers: list):
 
 
 def write_madry_tf1_checkpoint(model_dir, images, width: int = 1, step: int = 70,
-                               seed: int = 0, drop=()):
+                               seed: int = 0):
     """A TF1 name-based checkpoint of Madry's WRN as his train.py's Saver wrote it
     (`model_dir/checkpoint-<step>` + the `checkpoint` state file; weights, BN statistics,
     `<var>/Momentum` slots of one momentum step, `global_step`), with seeded weights and
-    non-trivial BN statistics. Variables named in `drop` are left out of the file.
+    non-trivial BN statistics.
 
     Returns (prefix, eval-mode logits of `images` computed by the TF1 graph itself).
     """
@@ -184,8 +184,7 @@ def write_madry_tf1_checkpoint(model_dir, images, width: int = 1, step: int = 70
             labels=y_input, logits=logits))
         train_op = v1.train.MomentumOptimizer(0.01, 0.9).minimize(loss,
                                                                    global_step=global_step)
-        saved = [v for v in v1.global_variables() if v.op.name not in drop]
-        saver = v1.train.Saver(var_list=saved, max_to_keep=3)
+        saver = v1.train.Saver(max_to_keep=3)  # every global variable, as Madry's
         # Assignments built before the session starts, so no run has to extend the graph.
         bn_vars = [v for v in v1.global_variables() if "BatchNorm/" in v.op.name
                    and "Momentum" not in v.op.name]

@@ -107,15 +107,34 @@ def test_wrong_width_names_the_variable_and_both_shapes(tf1_width1):
     assert '"model_width": 1' in message
 
 
+def copy_without(prefix, new_prefix, missing):
+    """Rewrite a name-based checkpoint without the variable `missing` (raw SaveV2, as TF1's
+    Saver writes)."""
+    reader = tf.train.load_checkpoint(prefix)
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n != missing)
+    tf.raw_ops.SaveV2(prefix=new_prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[reader.get_tensor(n) for n in names])
+    return new_prefix
+
+
 @pytest.mark.parametrize("missing", ["unit_2_3/sub2/BatchNorm/moving_variance",
                                      "input/init_conv/DW"])
-def test_missing_variable_is_named_with_its_expected_shape(tmp_path, images, missing):
-    prefix, _ = write_madry_tf1_checkpoint(tmp_path / "m", images[:2], drop=(missing,))
+def test_missing_variable_is_named_with_its_expected_shape(tf1_width1, tmp_path, missing):
+    _, prefix, _ = tf1_width1
+    broken = copy_without(prefix, str(tmp_path / "checkpoint-70"), missing)
+    assert missing not in dict(tf.train.list_variables(broken))
     with pytest.raises(CheckpointError) as err:
-        madry_ns.load_model(prefix)
+        madry_ns.load_model(broken)
     expected = {"unit_2_3/sub2/BatchNorm/moving_variance": "[32]",
                 "input/init_conv/DW": "[3, 3, 3, 16]"}[missing]
     assert f"no variable '{missing}'" in str(err.value) and expected in str(err.value)
+
+
+def test_missing_width_variable_is_named(tf1_width1, tmp_path):
+    _, prefix, _ = tf1_width1
+    broken = copy_without(prefix, str(tmp_path / "checkpoint-70"), checkpoints.WIDTH_VARIABLE)
+    with pytest.raises(CheckpointError, match="'unit_1_0/sub1/conv1/DW' is missing"):
+        madry_ns.load_model(broken)
 
 
 def test_tf1_checkpoint_into_resnet20_is_a_clear_error(tf1_width1):
@@ -162,3 +181,11 @@ def test_load_model_on_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
         madry_ns.load_model(str(tmp_path))
     with pytest.raises(CheckpointError, match="neither a folder nor a checkpoint prefix"):
         madry_ns.load_model(str(tmp_path / "checkpoint-70000"))
+
+
+def test_corrupted_checkpoint_index_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint-5.index").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        madry_ns.load_model(str(tmp_path / "checkpoint-5"))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoints.load_weights(models.MadryWRN(width=1), str(tmp_path / "checkpoint-5"))
