@@ -2,7 +2,9 @@
 
 Watches model_dir and evaluates every new latest checkpoint (natural and PGD accuracy),
 printing Madry's lines and writing TensorBoard summaries to model_dir/eval. Beyond Madry:
---once evaluates the latest checkpoint and exits; --checkpoint PATH evaluates that one.
+--once evaluates the latest checkpoint and exits; --checkpoint PATH evaluates that one; each
+evaluation appends one JSON line to model_dir/eval/metrics.jsonl. Madry's TF1 checkpoints
+(fetch_model.py) are read as they are.
 """
 
 from absl import flags

@@ -9,6 +9,10 @@ TensorFlow writes the data files first and replaces the state file atomically la
 run killed mid-save still names the previous, complete checkpoint as latest.
 
 Resume order (train.py): 1. the latest checkpoint in model_dir; 2. otherwise a fresh model.
+
+Madry's own checkpoints (TF1 `Saver`, name-based: `unit_1_0/sub1/conv1/DW`, ... as in
+model.py, plus `<var>/Momentum` slots and `global_step`) are read by name into `MadryWRN`;
+`load_weights` and `load_model` accept either format.
 """
 
 from __future__ import annotations
@@ -18,16 +22,13 @@ import re
 
 import tensorflow as tf
 
+from madry_ns import config as config_lib
+from madry_ns import models
 from madry_ns.errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint"
 MAX_TO_KEEP = 3
-
-
-def checkpoint_step(path: str) -> int:
-    """The step in a `.../checkpoint-<step>` name (0 when the name has none)."""
-    match = re.search(r"-(\d+)$", path)
-    return int(match.group(1)) if match else 0
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 class Checkpointer:
@@ -139,20 +140,23 @@ def restore(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -
 
 
 def is_madry_tf1(path: str) -> bool:
-    """Whether `path` is a TF1 name-based checkpoint of Madry's model (fetch_model.py)."""
-    return "input/init_conv/DW" in dict(tf.train.list_variables(path))
+    """Whether `path` is a TF1 name-based checkpoint (Madry's `Saver`, fetch_model.py).
+
+    TF2 object-based checkpoints (ours) always hold the object graph; name-based ones never
+    do, so this also recognizes a TF1 checkpoint that lacks some of Madry's variables.
+    """
+    try:
+        return OBJECT_GRAPH_KEY not in dict(tf.train.list_variables(path))
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
+                              f"corrupted ({type(e).__name__})") from None
 
 
 def load_weights(model, path: str) -> None:
     """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name)."""
     if not os.path.exists(path + ".index"):
         raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
-    try:
-        tf1 = is_madry_tf1(path)
-    except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
-                              f"corrupted ({type(e).__name__})") from None
-    if tf1:
+    if is_madry_tf1(path):
         load_madry_tf1(model, path)
     else:
         restore(tf.train.Checkpoint(model=model), path, partial=True)
@@ -177,12 +181,110 @@ def load_madry_tf1(model, path: str) -> None:
                                       f"(expected shape {list(var.shape)}); is it Madry's "
                                       f"WRN-34?")
             if list(shapes[name]) != list(var.shape):
+                width = _tf1_width(shapes)
+                hint = (f"the checkpoint is width {width} (set \"model_width\": {width})"
+                        if width else "Madry's released models are width 10")
                 raise CheckpointError(
-                    f"TF1 checkpoint '{path}': variable '{name}' has shape {shapes[name]}, the "
-                    f"model expects {list(var.shape)} (check model_width: Madry's released "
-                    f"models are width 10)")
+                    f"TF1 checkpoint '{path}': variable '{name}' has shape "
+                    f"{list(shapes[name])}, the model expects {list(var.shape)} "
+                    f"(model width {getattr(model, 'width', '?')}; {hint})")
         for name, var in mapping.items():
             var.assign(reader.get_tensor(name))
     except tf.errors.OpError as e:
         raise CheckpointError(f"checkpoint '{path}' cannot be read; it may be truncated or "
                               f"corrupted ({type(e).__name__}: {e.message[:300]})") from None
+
+
+# The first wide convolution: [3, 3, 16, 16 * width] in Madry's WRN.
+WIDTH_VARIABLE = "unit_1_0/sub1/conv1/DW"
+
+
+def _tf1_width(shapes: dict) -> int | None:
+    shape = shapes.get(WIDTH_VARIABLE)
+    if shape is None or len(shape) != 4 or shape[3] % 16 or shape[2] != 16:
+        return None
+    return shape[3] // 16
+
+
+def madry_tf1_width(path: str) -> int:
+    """The WRN width of a TF1 checkpoint of Madry's model, from `unit_1_0/sub1/conv1/DW`
+    ([3, 3, 16, 16 * width]: 10 for Madry's released models)."""
+    shapes = dict(tf.train.list_variables(path))
+    width = _tf1_width(shapes)
+    if width is None:
+        found = shapes.get(WIDTH_VARIABLE)
+        raise CheckpointError(
+            f"TF1 checkpoint '{path}': cannot tell the WRN width: variable "
+            f"'{WIDTH_VARIABLE}' " + ("is missing" if found is None else
+                                      f"has shape {list(found)}")
+            + ", expected shape [3, 3, 16, 16 * width] (Madry's WRN-34)")
+    return width
+
+
+def latest_checkpoint(model_dir: str) -> str | None:
+    """`tf.train.latest_checkpoint(model_dir)`, also when the folder was moved.
+
+    The `checkpoint` state file records the path the checkpoint was saved under; when that
+    path no longer exists (a zip made on another machine, a renamed folder), the same file
+    name inside `model_dir` is used. No state file means no checkpoint, as for Madry.
+    """
+    path = tf.train.latest_checkpoint(model_dir)
+    if path is not None:
+        return path
+    state = tf.train.get_checkpoint_state(model_dir)
+    if state is None or not state.model_checkpoint_path:
+        return None
+    moved = os.path.join(model_dir, os.path.basename(state.model_checkpoint_path))
+    return moved if os.path.exists(moved + ".index") else None
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step of a checkpoint: Madry's `global_step` variable in a TF1 checkpoint,
+    else the number in its `.../checkpoint-<step>` name (0 when it has none)."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        if not reader.has_tensor(OBJECT_GRAPH_KEY) and reader.has_tensor("global_step"):
+            return int(reader.get_tensor("global_step"))
+    except (tf.errors.OpError, ValueError):
+        pass  # unreadable here; load_weights reports it properly
+    match = re.search(r"-(\d+)$", path)
+    return int(match.group(1)) if match else 0
+
+
+def resolve(path: str) -> str:
+    """A checkpoint prefix from a model_dir (its latest checkpoint) or a prefix."""
+    if os.path.isdir(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint in '{path}' (no 'checkpoint' state file "
+                                  f"naming one); pass a checkpoint prefix such as "
+                                  f"{os.path.join(path, 'checkpoint-70000')}")
+        return latest
+    if not os.path.exists(path + ".index"):
+        raise CheckpointError(f"checkpoint '{path}' not found: neither a folder nor a "
+                              f"checkpoint prefix (no {path}.index)")
+    return path
+
+
+def load_model(path: str):
+    """A Keras model with the weights of a checkpoint, ready for `model(x)` (logits of 0-255
+    images; BN in population mode unless `bn_mode` says otherwise).
+
+    `path` is a model_dir (its latest checkpoint) or a checkpoint prefix, in Madry's TF1
+    format (fetch_model.py's `models/adv_trained/checkpoint-70000`) or ours. For TF1 the
+    architecture is Madry's WRN-34 with the width read from the checkpoint; for ours it comes
+    from the `config.json` train.py writes into model_dir (next to the checkpoint).
+    """
+    prefix = resolve(path)
+    if is_madry_tf1(prefix):
+        model = models.MadryWRN(width=madry_tf1_width(prefix)).build_for_input()
+    else:
+        config_path = os.path.join(os.path.dirname(prefix), "config.json")
+        if not os.path.exists(config_path):
+            raise CheckpointError(
+                f"cannot tell the architecture of checkpoint '{prefix}': no config.json next "
+                f"to it (train.py writes one into model_dir); copy the run's config.json to "
+                f"{config_path}")
+        model = models.build_model(config_lib.load(config_path))
+    load_weights(model, prefix)
+    return model

@@ -61,11 +61,14 @@ def run(main: Callable[[list], int | None]) -> None:
     """`absl.app.run(main)`, with user errors printed as `error: ...` and exit status 2."""
     from absl import app
 
-    def wrapped(argv):
-        try:
-            return main(argv)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+    app.run(lambda argv: report_user_errors(main, argv))
 
-    app.run(wrapped)
+
+def report_user_errors(main: Callable[[list], int | None], argv: list):
+    """`main(argv)`, ending the process with `error: ...` on stderr and the error's exit
+    status (2) on a `UserError`, without a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

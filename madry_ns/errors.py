@@ -25,3 +25,7 @@ class CheckpointError(UserError):
 
 class AttackFileError(UserError):
     """An attack file (attack.npy) that is not a valid perturbation of the test set."""
+
+
+class DownloadError(UserError):
+    """A download that failed (no network, unreachable host) or an unusable archive."""

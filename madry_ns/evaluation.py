@@ -166,6 +166,36 @@ def evaluate(model, dataset: data.Dataset, config, on_batch=None) -> dict:
             **describe(config)}
 
 
+def generate_adversarial(model, dataset: data.Dataset, config, on_batch=None) -> np.ndarray:
+    """PGD examples for the first `num_eval_examples` test images, as pgd_attack.py stores
+    them: float64, (num_eval_examples, 32, 32, 3), 0-255, test order. They are the very
+    examples `evaluate` scores (same attack, same seeds, same batches).
+
+    `on_batch(index, num_batches, batch_size)` is called after each batch.
+    """
+    attack = make_eval_attack(model, config, make_classifier(model, config, dataset))
+    n = config.num_eval_examples
+    num_batches = -(-n // config.eval_batch_size)
+    out = []
+    batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
+                                config.eval_batch_size)
+    for i, (x, y) in enumerate(batches):
+        out.append(np.asarray(attack(x, y, i), np.float64))
+        if on_batch:
+            on_batch(i, num_batches, len(x))
+    return np.concatenate(out)
+
+
+def predict(classify, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Predicted labels (int64, Madry's `predictions`) of `classify` on `images` (0-255),
+    in batches of `batch_size`."""
+    labels = []
+    for start in range(0, len(images), batch_size):
+        x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
+        labels.append(tf.argmax(classify(x), axis=1).numpy())
+    return np.concatenate(labels).astype(np.int64)
+
+
 def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset, out=print) -> dict:
     """Restore `path` into `model`, evaluate, print Madry's lines, write summaries and a
     metrics line. Returns the metrics."""
@@ -196,10 +226,9 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset, out=pri
                            ("xent nat", result["avg_nat_loss"]),
                            ("accuracy adv eval", adv), ("accuracy adv", adv),
                            ("accuracy nat", nat),
-                           ("xent_adv", result["avg_adv_loss"]), ("accuracy_adv", adv),
-                           ("xent_nat", result["avg_nat_loss"]), ("accuracy_nat", nat)]:
+                           ("xent_adv", result["avg_adv_loss"]), ("accuracy_adv", adv)]:
             tf.summary.scalar(tag, value)
-    writer.flush()
+    writer.close()  # one small event file per evaluation; no handle kept open
     record = {"step": step, "checkpoint": path, **result,
               "attack_settings": {**attacks.config_params(config),
                                   "eval_attack_bn": config.eval_attack_bn},
@@ -226,7 +255,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
     """
     os.makedirs(os.path.join(config.model_dir, "eval"), exist_ok=True)
     if checkpoint or once:
-        path = checkpoint or tf.train.latest_checkpoint(config.model_dir)
+        path = checkpoint or checkpoints.latest_checkpoint(config.model_dir)
         if path is None:
             raise checkpoints.CheckpointError(
                 f"no checkpoint in model_dir '{config.model_dir}' to evaluate")
@@ -235,7 +264,7 @@ def watch(config, model, dataset: data.Dataset, once: bool = False,
     last, waiting = None, False
     records = []
     while True:
-        path = tf.train.latest_checkpoint(config.model_dir)
+        path = checkpoints.latest_checkpoint(config.model_dir)
         if path is None:
             if not waiting:
                 print("No checkpoint yet, waiting ...", end="", flush=True)

@@ -1,0 +1,23 @@
+"""Attack-file check and scoring, as MadryLab/cifar10_challenge's run_attack.py:
+`python run_attack.py`.
+
+Loads store_adv_path and checks it in Madry's order and words (checkpoint, shape, pixel range
+[0, 255], maximum perturbation <= epsilon, tolerance 1e-4), then prints `Accuracy: xx.xx%` of
+the latest checkpoint in model_dir on it and saves the predictions to pred.npy (int64).
+Beyond Madry: NaN/inf, non-numeric and pickled files are refused, and every refusal exits
+with status 2 without writing pred.npy.
+"""
+
+from madry_ns import cli
+
+
+def main(argv):
+    del argv
+    config = cli.load_config()
+    from madry_ns import challenge
+
+    challenge.run_attack(config)
+
+
+if __name__ == "__main__":
+    cli.run(main)
