@@ -62,7 +62,7 @@ def check_params(epsilon: float, num_steps: int, step_size: float) -> None:
 
 
 def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: float,
-        random_start: bool = True, seed=(0, 0), x_init=None):
+        random_start: bool = True, seed=(0, 0), x_init=None, unroll: bool = False):
     """L-inf projected gradient ascent on `loss_fn(x_adv) -> scalar`, Madry's way.
 
     Uniform random start in [-epsilon, epsilon] clipped to [0, 255] (or the clean input),
@@ -76,6 +76,9 @@ def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: floa
       seed: two integers for `tf.random.stateless_uniform`.
       x_init: a starting point instead of Madry's (TRADES starts at x + 0.001 N(0, 1)); it is
         not projected until the first step, as in TRADES.
+      unroll: a Python loop instead of `tf.while_loop`. Needed when the loss synchronizes
+        across replicas (synchronized BN under a tf.distribute strategy): TensorFlow cannot
+        place a cross-replica merge inside control flow. The graph then grows with num_steps.
     """
     def gradient(i, x_adv):
         del i  # a deterministic loss needs no per-step randomness
@@ -86,11 +89,11 @@ def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: floa
 
     return _linf_ascent(gradient, x, epsilon=epsilon, num_steps=num_steps,
                         step_size=step_size, random_start=random_start, seed=seed,
-                        x_init=x_init)
+                        x_init=x_init, unroll=unroll)
 
 
 def _linf_ascent(gradient: Callable, x, *, epsilon, num_steps, step_size, random_start, seed,
-                 x_init=None):
+                 x_init=None, unroll=False):
     """The loop shared by `pgd` and `eot_pgd`: `gradient(step, x_adv)` gives the ascent
     direction of step `step` (a scalar int32 tensor)."""
     check_params(epsilon, num_steps, step_size)
@@ -112,13 +115,17 @@ def _linf_ascent(gradient: Callable, x, *, epsilon, num_steps, step_size, random
         x_adv = tf.clip_by_value(x_adv + step_size * tf.sign(grad), lower, upper)
         return i + 1, x_adv
 
+    if unroll:
+        for i in range(num_steps):
+            _, x_adv = step(tf.constant(i), x_adv)
+        return x_adv
     _, x_adv = tf.while_loop(lambda i, _: i < num_steps, step, (tf.constant(0), x_adv))
     return x_adv
 
 
 def pgd_attack(model, x, y, *, epsilon: float, num_steps: int, step_size: float,
                random_start: bool = True, loss_func: str = "xent",
-               bn_mode: str = "population", seed=(0, 0)):
+               bn_mode: str = "population", seed=(0, 0), x_init=None, unroll: bool = False):
     """Madry's `LinfPGDAttack.perturb` on a madry_ns model: maximize the summed loss."""
     if loss_func not in LOSSES:
         raise ValueError(f"loss_func must be one of {sorted(LOSSES)}, got {loss_func!r}")
@@ -128,7 +135,7 @@ def pgd_attack(model, x, y, *, epsilon: float, num_steps: int, step_size: float,
         return tf.reduce_sum(loss(model(x_adv, bn_mode=bn_mode), y))
 
     return pgd(loss_fn, x, epsilon=epsilon, num_steps=num_steps, step_size=step_size,
-               random_start=random_start, seed=seed)
+               random_start=random_start, seed=seed, x_init=x_init, unroll=unroll)
 
 
 def config_params(config) -> dict:

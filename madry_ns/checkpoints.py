@@ -32,13 +32,18 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 class Checkpointer:
-    """Saves and restores (model, optimizer) in `model_dir`, Madry's names."""
+    """Saves and restores (model, optimizer) in `model_dir`, Madry's names.
 
-    def __init__(self, model_dir: str, model, optimizer):
+    `save_dir` (default model_dir) is where saves go: a non-chief multi-worker task restores
+    from model_dir like everyone but saves into a folder of its own.
+    """
+
+    def __init__(self, model_dir: str, model, optimizer, save_dir: str | None = None):
         self.model_dir = model_dir
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, model_dir, max_to_keep=MAX_TO_KEEP, checkpoint_name=CHECKPOINT_NAME)
+            self.checkpoint, save_dir or model_dir, max_to_keep=MAX_TO_KEEP,
+            checkpoint_name=CHECKPOINT_NAME)
 
     def save(self, step: int) -> str:
         """Write `checkpoint-<step>` and make it the latest."""

@@ -131,6 +131,17 @@ class Config:
     on_nonfinite: str = _key(
         "stop", "A non-finite loss, gradient or weight: 'stop' (exit non-zero, last good "
         "checkpoint kept as latest) or 'skip' (skip and log the batch)", _one_of("stop", "skip"))
+    distribution: str = _key(
+        "none", "'none', 'mirrored' (tf.distribute.MirroredStrategy over the GPUs, or logical "
+        "CPUs) or 'multi_worker' (MultiWorkerMirroredStrategy, cluster from TF_CONFIG); "
+        "training_batch_size is the global batch", _one_of("none", "mirrored", "multi_worker"))
+    bn_sync: str = _key(
+        "per_replica", "BN statistics across replicas: 'per_replica' (each replica's own batch; "
+        "moving statistics averaged before every checkpoint) or 'synchronized' (over the "
+        "global batch)", _one_of("per_replica", "synchronized"))
+    worker_timeout_seconds: int = _key(
+        600, "multi_worker: a collective waiting longer than this for a peer fails the run "
+        "(then restart every worker to resume)", _positive)
 
     # ----- batch-norm shaping (Zhang & Ma, ICTAI 2022) -----
     shaping_ratio: int = _key(0, "n of the n:1 clean:attacked training mix; 0 = off (Madry), "

@@ -59,9 +59,12 @@ class BatchNorm(keras.layers.BatchNormalization):
         mode = resolve_mode(mode, training)
         x = tf.convert_to_tensor(inputs)
         compute_dtype = x.dtype
-        if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
+        if x.dtype not in (tf.float16, tf.bfloat16, tf.float32, tf.float64):
             x = tf.cast(x, tf.float32)
-        fused = (x.shape.rank == 4 and self.axis in (-1, 3) and not self.synchronized)
+        # The fused kernel takes 16/32-bit inputs only; float64 (used by exactness tests)
+        # and synchronized statistics take the unfused path.
+        fused = (x.shape.rank == 4 and self.axis in (-1, 3) and not self.synchronized
+                 and x.dtype != tf.float64)
         if fused:
             y, mean, var = self._fused(x, mode)
         else:
@@ -87,22 +90,41 @@ class BatchNorm(keras.layers.BatchNormalization):
         return y, tf.stop_gradient(mean), tf.stop_gradient(var)
 
     def _unfused(self, x, mode):
-        x = tf.cast(x, tf.float32)
+        if x.dtype != tf.float64:
+            x = tf.cast(x, tf.float32)
+        dtype = x.dtype
         shape = [1] * x.shape.rank
         shape[self.axis % x.shape.rank] = x.shape[self.axis]
         if mode == "population":
             mean, var = self.moving_mean, self.moving_variance
         else:
-            mean, var = self._moments(x, mask=None)  # all-reduced when synchronized
+            mean, var = self._batch_moments(x)
         y = tf.nn.batch_normalization(
-            x, tf.reshape(tf.cast(mean, tf.float32), shape),
-            tf.reshape(tf.cast(var, tf.float32), shape),
-            tf.reshape(tf.cast(self.beta, tf.float32), shape) if self.center else None,
-            tf.reshape(tf.cast(self.gamma, tf.float32), shape) if self.scale else None,
+            x, tf.reshape(tf.cast(mean, dtype), shape), tf.reshape(tf.cast(var, dtype), shape),
+            tf.reshape(tf.cast(self.beta, dtype), shape) if self.center else None,
+            tf.reshape(tf.cast(self.gamma, dtype), shape) if self.scale else None,
             self.epsilon)
         if mode == "population":
             return y, None, None
         return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+    def _batch_moments(self, x):
+        """Batch mean and biased variance per channel; with `synchronized`, over every
+        replica's batch. Two passes (the global mean first, then squared deviations from it):
+        Keras' one-pass E[x^2] - E[x]^2 loses digits when a channel's mean dwarfs its spread,
+        enough to make replicas and a single device part ways within a few steps."""
+        axes = [i for i in range(x.shape.rank) if i != self.axis % x.shape.rank]
+        ctx = tf.distribute.get_replica_context()
+        if not (self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1):
+            return tf.nn.moments(x, axes)
+        # Every replica holds an equal share of the global batch (the batch is split evenly),
+        # so the count needs no reduction; only differentiable sums go through all_reduce.
+        count = tf.cast(tf.size(x) // tf.shape(x)[self.axis] * ctx.num_replicas_in_sync,
+                        x.dtype)
+        mean = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(x, axes)) / count
+        squares = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                 tf.reduce_sum(tf.square(x - mean), axes))
+        return mean, squares / count
 
     def _update_moving(self, mean, var):
         m = self.momentum

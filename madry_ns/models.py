@@ -223,4 +223,7 @@ def build_model(config) -> _Classifier:
         model = ResNet20(width=width)
     else:  # config validation makes this unreachable
         raise ValueError(f"unknown model {config.model!r}")
+    if config.bn_sync == "synchronized" and config.distribution != "none":
+        for bn in model.bn_layers():  # before the first call: statistics over all replicas
+            bn.synchronized = True
     return model.build_for_input()

@@ -36,7 +36,8 @@ def kl_divergence(p_logits, q_logits):
 
 def attack_slice(model, x, y, *, ratio: int, epsilon: float, num_steps: int, step_size: float,
                  bn_mode: str, seed, loss: str = "xent", loss_scope: str = "batch",
-                 random_start: bool = True, p_clean_logits=None, init_std: float = 0.0):
+                 random_start: bool = True, p_clean_logits=None, init_std: float = 0.0,
+                 x_init=None, unroll: bool = False):
     """The shaping attack of one training batch: returns the attacked slice `x[k:]` perturbed.
 
     Every PGD step forwards `concat([x[:k], x_adv])` in `bn_mode` (a batch mode), so the
@@ -44,7 +45,8 @@ def attack_slice(model, x, y, *, ratio: int, epsilon: float, num_steps: int, ste
     (Madry, summed) or 'kl' (TRADES: KL(p_clean || p_adv) summed, with `p_clean_logits` the
     clean batch's logits). `loss_scope` 'batch' sums over all m rows (paper Eq. 5),
     'attacked' over the attacked rows only. For 'kl' the start is x + init_std * N(0, 1)
-    (TRADES); otherwise Madry's uniform start when `random_start`.
+    (TRADES); otherwise Madry's uniform start when `random_start`; `x_init` overrides both.
+    `unroll`: see `attacks.pgd`.
     """
     k, _ = shaping_split(int(x.shape[0]), ratio)
     x_clean, x_att = x[:k], x[k:]
@@ -58,11 +60,11 @@ def attack_slice(model, x, y, *, ratio: int, epsilon: float, num_steps: int, ste
             per_example = attacks.LOSSES[loss](logits, y)
         return tf.reduce_sum(per_example[rows])
 
-    x_init = None
-    if loss == "kl":
+    if x_init is None and loss == "kl":
         x_init = x_att + init_std * tf.random.stateless_normal(tf.shape(x_att), seed=seed)
     return attacks.pgd(loss_fn, x_att, epsilon=epsilon, num_steps=num_steps,
-                       step_size=step_size, random_start=random_start, seed=seed, x_init=x_init)
+                       step_size=step_size, random_start=random_start, seed=seed, x_init=x_init,
+                       unroll=unroll)
 
 
 class ReferencePool:

@@ -28,7 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files, shaping
+from madry_ns import attacks, checkpoints, data, distribute, files, shaping
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -91,7 +91,9 @@ def make_adversary(model, config):
       method) or as part of a fully attacked batch ('train_only');
     * natural: the clean batch.
     The attack runs in `train_attack_bn_mode`. `p_clean_logits` (TRADES only) are the clean
-    batch's logits in that mode, the KL target of the attack.
+    batch's logits in that mode, the KL target of the attack. Under a tf.distribute strategy
+    it runs per replica on the local batch; random starts are the replica's rows of a draw for
+    the global batch, so they do not depend on how the batch is split.
     """
     params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
                   step_size=config.step_size)
@@ -99,16 +101,31 @@ def make_adversary(model, config):
     loss = "kl" if trades else config.loss_func
     bn_mode = config.train_attack_bn_mode
     ratio = config.shaping_ratio
+    # A cross-replica all-reduce cannot sit inside a tf.while_loop.
+    unroll = config.bn_sync == "synchronized" and config.distribution != "none"
+
+    def start(x, seed):
+        """The attack's starting point for every row of x (this replica's rows)."""
+        shape = x.shape.as_list()
+        if trades:
+            noise = distribute.replica_rows(
+                lambda s: tf.random.stateless_normal(s, seed), shape)
+            return x + config.trades_init_std * noise
+        if not config.random_start:
+            return x
+        noise = distribute.replica_rows(lambda s: tf.random.stateless_uniform(
+            s, seed, minval=-config.epsilon, maxval=config.epsilon), shape)
+        return tf.clip_by_value(x + noise, attacks.PIXEL_MIN, attacks.PIXEL_MAX)
 
     def attack_whole(x, y, seed, p_clean):
         if trades:
             def kl_loss(x_adv):
                 logits = model(x_adv, bn_mode=bn_mode)
                 return tf.reduce_sum(shaping.kl_divergence(tf.stop_gradient(p_clean), logits))
-            x_init = x + config.trades_init_std * tf.random.stateless_normal(tf.shape(x), seed)
-            return attacks.pgd(kl_loss, x, seed=seed, x_init=x_init, **params)
-        return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed,
-                                  random_start=config.random_start, loss_func=loss, **params)
+            return attacks.pgd(kl_loss, x, seed=seed, x_init=start(x, seed), unroll=unroll,
+                               **params)
+        return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed, loss_func=loss,
+                                  x_init=start(x, seed), unroll=unroll, **params)
 
     def adversary(x, y, step):
         if config.training_method == "natural":
@@ -123,8 +140,8 @@ def make_adversary(model, config):
         else:
             x_att = shaping.attack_slice(
                 model, x, y, ratio=ratio, bn_mode=bn_mode, seed=seed, loss=loss,
-                loss_scope=config.shaping_attack_loss, random_start=config.random_start,
-                p_clean_logits=p_clean, init_std=config.trades_init_std, **params)
+                loss_scope=config.shaping_attack_loss, p_clean_logits=p_clean,
+                x_init=start(x, seed)[k:], unroll=unroll, **params)
         return tf.concat([x[:k], x_att], 0), p_clean
 
     return adversary
@@ -165,45 +182,67 @@ class TrainStep:
     `on_nonfinite: "skip"` the BN moving statistics the attack and forward changed are put
     back too and the step counter still advances, so data order and learning rate stay
     aligned with the step. `metrics["finite"]` says whether the update was applied.
+
+    Both functions run their body with `strategy.run` (the strategy in scope when the step is
+    built; the default one is a single device): x and y may be per-replica values from
+    `distribute.distribute_batch`, and metrics come back reduced over replicas.
     """
 
     def __init__(self, model, optimizer, config):
         self.model, self.optimizer, self.config = model, optimizer, config
+        self.strategy = tf.distribute.get_strategy()
         self.train_vars = model.trainable_variables
         self.bn_stats = [v for bn in model.bn_layers()
                          for v in (bn.moving_mean, bn.moving_variance)]
         self.adversary = make_adversary(model, config)
-        # The "adv" metrics cover the attacked rows only (all rows without shaping).
-        k = shaping.shaping_split(config.training_batch_size, config.shaping_ratio)[0] \
-            if config.shaping_ratio else 0
-        self.attacked = slice(k, None)
         self._compute = tf.function(self._compute_fn)
         self._apply = tf.function(self._apply_fn)
-        self._snapshot = tf.function(lambda: [tf.identity(v) for v in self.bn_stats])
+        self._snapshot = tf.function(
+            lambda: self.strategy.run(lambda: [tf.identity(v) for v in self.bn_stats]))
         self._restore = tf.function(self._restore_fn)
 
-    def _compute_fn(self, x, y, step):
+    def _replica_compute(self, x, y, step):
         x_train, _ = self.adversary(x, y, step)
         with tf.GradientTape() as tape:
             total, logits, per_example = training_loss(self.model, self.config, x, x_train, y)
         grads = tape.gradient(total, self.train_vars)
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]
                                + [tf.math.is_finite(total)])
-        a = self.attacked
+        # The "adv" metrics cover the attacked rows only (all rows without shaping).
+        a = slice(shaping.shaping_split(int(x.shape[0]), self.config.shaping_ratio)[0]
+                  if self.config.shaping_ratio else 0, None)
         correct = tf.cast(tf.equal(tf.argmax(logits[a], 1), y[a]), tf.float32)
         return grads, {"adv_accuracy": tf.reduce_mean(correct),
                        "xent": tf.reduce_mean(per_example[a]), "total_loss": total,
-                       "x_adv": x_train[a], "finite": finite,
-                       # Read before the update increments `iterations`: this step's rate.
-                       "learning_rate": tf.identity(self.optimizer.learning_rate)}
+                       "x_adv": x_train[a], "nonfinite": 1 - tf.cast(finite, tf.int32)}
+
+    def _compute_fn(self, x, y, step):
+        s, op = self.strategy, tf.distribute.ReduceOp
+        grads, m = s.run(self._replica_compute, args=(x, y, step))
+        return grads, {
+            "adv_accuracy": s.reduce(op.MEAN, m["adv_accuracy"], axis=None),
+            "xent": s.reduce(op.MEAN, m["xent"], axis=None),
+            "total_loss": s.reduce(op.SUM, m["total_loss"], axis=None),  # global-batch mean
+            "x_adv": s.experimental_local_results(m["x_adv"])[0],
+            "finite": tf.equal(s.reduce(op.SUM, m["nonfinite"], axis=None), 0),
+            # Read before the update increments `iterations`: this step's rate.
+            "learning_rate": tf.identity(self.optimizer.learning_rate)}
 
     def _apply_fn(self, grads):
-        self.optimizer.apply_gradients(zip(grads, self.train_vars))
-        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.train_vars])
+        def apply(grads):
+            self.optimizer.apply_gradients(zip(grads, self.train_vars))
+            return 1 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                              for v in self.train_vars]), tf.int32)
+
+        nonfinite = self.strategy.run(apply, args=(grads,))
+        return tf.equal(self.strategy.reduce(tf.distribute.ReduceOp.SUM, nonfinite, axis=None), 0)
 
     def _restore_fn(self, values):
-        for var, value in zip(self.bn_stats, values):
-            var.assign(value)
+        def restore(values):
+            for var, value in zip(self.bn_stats, values):
+                var.assign(value)
+
+        self.strategy.run(restore, args=(values,))
         self.optimizer.iterations.assign_add(1)
 
     def __call__(self, x, y, step):
@@ -253,79 +292,114 @@ def train(config, out=print) -> str:
     `TrainingStopped` (exit status 128 + signal); running again resumes there. A non-finite
     loss, gradient or weight stops training (`on_nonfinite: "stop"`) without saving, so the
     last good checkpoint stays the latest, or skips the batch ("skip", logged to the console
-    and `model_dir/nonfinite.jsonl`).
+    and `model_dir/nonfinite.jsonl`). With `distribution` set, the same loop runs under a
+    tf.distribute strategy (see `madry_ns.distribute`); only the chief writes.
     """
+    strategy = distribute.make_strategy(config)
+    distribute.check_batch(config, strategy.num_replicas_in_sync)
+    chief = distribute.is_chief(strategy)
+    if not chief:
+        out = _silent  # noqa: F811  the chief alone prints
     seed_everything(config)
     dataset = data.load_dataset(config)
-    model = build_model(config)
-    optimizer = make_optimizer(config)
-    optimizer.build(model.trainable_variables)
-    os.makedirs(config.model_dir, exist_ok=True)
-    checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer)
+    with strategy.scope():
+        model = build_model(config)
+        optimizer = make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    if chief:
+        os.makedirs(config.model_dir, exist_ok=True)
+    save_dir = distribute.WorkerCheckpointDir(config.model_dir, chief, strategy)
+    checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer,
+                                            save_dir=save_dir.path)
     restored = checkpointer.restore_latest()
     start = int(optimizer.iterations.numpy())
     if restored:
         out(f"Resuming from {restored} at step {start}")
-    # Keep the configuration with the model for reproducibility (Madry's comment).
-    files.atomic_write_text(os.path.join(config.model_dir, "config.json"), config.to_json())
+    if chief:  # keep the configuration with the model for reproducibility (Madry's comment)
+        files.atomic_write_text(os.path.join(config.model_dir, "config.json"),
+                                config.to_json())
+
+    def save(step):
+        if config.bn_sync == "per_replica":
+            distribute.average_bn_statistics(strategy, model)
+        return os.path.join(config.model_dir,
+                            os.path.basename(checkpointer.save(step)))
 
     batches = iter(data.train_pipeline(
         dataset.train_images, dataset.train_labels, config.training_batch_size,
         order_seed=config.np_random_seed, augment_seed=config.tf_random_seed,
         start_step=start, augmentation=config.augmentation))
-    train_step = make_train_step(model, optimizer, config)
+    with strategy.scope():
+        train_step = make_train_step(model, optimizer, config)
     batch_accuracy = make_batch_accuracy(model)
     nat_accuracy_attack = None
-    writer = tf.summary.create_file_writer(config.model_dir)
+    writer = tf.summary.create_file_writer(config.model_dir) if chief else \
+        tf.summary.create_noop_writer()
     training_time = 0.0
     last_report = None
     last_saved = restored
 
-    with _StopOnSignals() as stop:
-        for ii in range(start, config.max_num_training_steps):
-            if stop.signum is not None:
-                path = last_saved if (last_saved and checkpoints.checkpoint_step(last_saved) == ii) \
-                    else checkpointer.save(ii)
-                raise TrainingStopped(
-                    f"interrupted by {signal.Signals(stop.signum).name} at step {ii}: saved "
-                    f"{path}; run train.py again to resume", 128 + stop.signum)
-            step, x, y = next(batches)
-            if ii % config.num_checkpoint_steps == 0 and not (restored and ii == start):
-                last_saved = checkpointer.save(ii)
-            report = ii % config.num_output_steps == 0
-            if report:
-                nat_acc = float(batch_accuracy(x, y))
-            t0 = time.perf_counter()
-            metrics = train_step(x, y, step)
-            finite = bool(metrics["finite"])  # also waits for the step to finish
-            training_time += time.perf_counter() - t0
-            if not finite or not metrics.get("weights_finite", True):
-                _nonfinite(config, ii, metrics, last_saved, out)
-                continue
-            if report:
-                adv_acc = float(metrics["adv_accuracy"])
-                if config.training_method == "natural":
-                    # No attack in the step: measure robustness of this batch for the report.
-                    if nat_accuracy_attack is None:
-                        nat_accuracy_attack = attacks.compile_pgd(model, config,
-                                                                  "batch_frozen")
-                    x_pgd = nat_accuracy_attack(
-                        x, y, tf.constant([config.np_random_seed, ii], tf.int64))
-                    adv_acc = float(batch_accuracy(x_pgd, y))
-                out(f"Step {ii}:    ({datetime.datetime.now()})")
-                out(f"    training nat accuracy {nat_acc * 100:.4}%")
-                out(f"    training adv accuracy {adv_acc * 100:.4}%")
-                if last_report is not None:
-                    out(f"    {config.num_output_steps * config.training_batch_size / training_time}"
-                        f" examples per second")
-                last_report = ii
-                training_time = 0.0
-            if ii % config.num_summary_steps == 0:
-                _write_summaries(writer, ii, metrics)
-    writer.flush()
-    if restored and start >= config.max_num_training_steps:
-        return restored
-    return checkpointer.save(config.max_num_training_steps)
+    try:
+        with _StopOnSignals() as stop:
+            for ii in range(start, config.max_num_training_steps):
+                if stop.signum is not None:
+                    path = last_saved if (last_saved and
+                                          checkpoints.checkpoint_step(last_saved) == ii) \
+                        else save(ii)
+                    raise TrainingStopped(
+                        f"interrupted by {signal.Signals(stop.signum).name} at step {ii}: "
+                        f"saved {path}; run train.py again to resume", 128 + stop.signum)
+                step, x, y = next(batches)
+                if ii % config.num_checkpoint_steps == 0 and not (restored and ii == start):
+                    last_saved = save(ii)
+                report = ii % config.num_output_steps == 0
+                if report:
+                    nat_acc = float(batch_accuracy(x, y))
+                t0 = time.perf_counter()
+                metrics = train_step(*distribute.distribute_batch(strategy, x, y), step)
+                finite = bool(metrics["finite"])  # also waits for the step to finish
+                training_time += time.perf_counter() - t0
+                if not finite or not metrics.get("weights_finite", True):
+                    _nonfinite(config, ii, metrics, last_saved, out)
+                    continue
+                if report:
+                    adv_acc = float(metrics["adv_accuracy"])
+                    if config.training_method == "natural":
+                        # No attack in the step: measure this batch's robustness for the report.
+                        if nat_accuracy_attack is None:
+                            nat_accuracy_attack = attacks.compile_pgd(model, config,
+                                                                      "batch_frozen")
+                        x_pgd = nat_accuracy_attack(
+                            x, y, tf.constant([config.np_random_seed, ii], tf.int64))
+                        adv_acc = float(batch_accuracy(x_pgd, y))
+                    out(f"Step {ii}:    ({datetime.datetime.now()})")
+                    out(f"    training nat accuracy {nat_acc * 100:.4}%")
+                    out(f"    training adv accuracy {adv_acc * 100:.4}%")
+                    if last_report is not None:
+                        out(f"    {config.num_output_steps * config.training_batch_size / training_time}"
+                            f" examples per second")
+                    last_report = ii
+                    training_time = 0.0
+                if ii % config.num_summary_steps == 0:
+                    _write_summaries(writer, ii, metrics)
+            writer.flush()
+            if restored and start >= config.max_num_training_steps:
+                return restored
+            return save(config.max_num_training_steps)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as e:
+        if config.distribution != "multi_worker":
+            raise
+        raise TrainingStopped(
+            f"a worker failed or stopped answering ({type(e).__name__}); training stopped. "
+            f"Restart every worker: they resume from the latest checkpoint "
+            f"({tf.train.latest_checkpoint(config.model_dir) or 'none yet'}).", 1) from None
+    finally:
+        save_dir.cleanup()
+
+
+def _silent(*args, **kwargs):
+    del args, kwargs
 
 
 def _nonfinite(config, step, metrics, last_saved, out):

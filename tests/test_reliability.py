@@ -48,7 +48,8 @@ def _assert_same_checkpoint(a, b):
 def _script(tmp_path, config, *extra):
     path = tmp_path / "config.json"
     path.write_text(config.to_json())
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONUNBUFFERED": "1"}
     return [sys.executable, os.path.join(ROOT, "train.py"), "--config", str(path), *extra], env
 
 
