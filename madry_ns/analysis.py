@@ -27,27 +27,29 @@ def read_records(paths: list[str]) -> list[dict]:
 
 
 def metrics_table(records: list[dict]) -> str:
-    """Markdown: rows = runs, columns = evaluation settings (clean and PGD accuracy, %)."""
+    """Markdown: one row per evaluation setting (inference, how the attack was generated), one
+    column per run, each cell `clean / robust` accuracy in %; the latest record of each."""
     runs, settings, cells = [], [], {}
     for r in records:
-        key = (r["inference"], r["attack"])
+        key = (r.get("inference_short", r["inference"]), r.get("attack_short", r["attack"]))
         if r["run"] not in runs:
             runs.append(r["run"])
         if key not in settings:
             settings.append(key)
-        cells[(r["run"], key)] = r  # the latest record wins
-    lines = ["| setting | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+        cells[(r["run"], key)] = r
+    lines = ["| inference | PGD generated | " + " | ".join(runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
     for key in settings:
-        inference, attack = key
-        clean = [f"{100 * cells[(run, key)]['natural_accuracy']:.2f}"
-                 if (run, key) in cells else "" for run in runs]
-        robust = [f"{100 * cells[(run, key)]['adversarial_accuracy']:.2f}"
-                  if (run, key) in cells else "" for run in runs]
-        lines.append(f"| clean, inference {inference} | " + " | ".join(clean) + " |")
-        lines.append(f"| {attack}, classified {inference} | " + " | ".join(robust) + " |")
-    n = {r.get("num_examples") for r in records}
-    lines.append("")
-    lines.append(f"Accuracy in %, on {', '.join(str(v) for v in sorted(n))} test examples.")
+        values = []
+        for run in runs:
+            c = cells.get((run, key))
+            values.append(f"{100 * c['natural_accuracy']:.2f} / "
+                          f"{100 * c['adversarial_accuracy']:.2f}" if c else "")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(values) + " |")
+    attacks = sorted({r["attack"].split(")")[0] + ")" for r in records})
+    n = sorted({r.get("num_examples") for r in records})
+    lines += ["", f"Cells: clean / robust accuracy in %, on {', '.join(map(str, n))} test "
+              f"examples; attack: {'; '.join(attacks)}."]
     return "\n".join(lines)
 
 

@@ -106,31 +106,34 @@ def make_eval_attack(model, config, classifier: Classifier):
 
 
 def describe(config) -> dict:
-    """Labels saying how the numbers were made: inference mode and attack generation."""
+    """Labels saying how the numbers were made: inference mode and attack generation, in
+    full (`inference`, `attack`) and short, for tables (`inference_short`, `attack_short`)."""
     r = config.inference_ratio
     if config.inference_bn == "population":
-        inference = "PN (population statistics)"
+        inference, short = "PN (population statistics)", "PN"
     elif config.inference_bn == "batch":
         inference = f"BN (statistics of each test batch of {config.eval_batch_size})"
+        short = f"BN (batch {config.eval_batch_size})"
     else:
         chunk = 1 if config.inference_mixing == "per_sample" else \
             config.eval_batch_size // (r + 1)
         inference = (f"BN+Shaping 1:{r} ({chunk} test + {r * chunk} clean training images per "
                      f"forward, {config.inference_references} references)")
+        short = f"BN+Shaping 1:{r}, {config.inference_references} refs"
     pgd = (f"PGD-{config.num_steps} ({config.loss_func}, eps {config.epsilon:g}, step "
            f"{config.step_size:g}{', random start' if config.random_start else ''})")
     if config.inference_bn == "population":
-        attack = f"{pgd} through PN (white-box)"
+        how = "white-box through PN"
     elif config.eval_attack_bn == "population":
-        attack = f"{pgd} generated on PN, classified {inference.split(' (')[0]} (transfer)"
+        how = "generated on PN (transfer, the paper's protocol)"
     elif config.inference_bn == "batch":
-        attack = f"{pgd} through the test batch's statistics (adaptive)"
+        how = "adaptive, through the test batch's statistics"
     elif config.inference_references == "fixed":
-        attack = f"{pgd} through BN+Shaping with the inference references (exact adaptive)"
+        how = "exact adaptive, through BN+Shaping with the inference references"
     else:
-        attack = (f"{pgd} through BN+Shaping with the attacker's own reference draw "
-                  f"(adaptive, other references)")
-    return {"inference": inference, "attack": attack}
+        how = "adaptive, through BN+Shaping with the attacker's own reference draw"
+    return {"inference": inference, "attack": f"{pgd} {how}", "inference_short": short,
+            "attack_short": how}
 
 
 def evaluate(model, dataset: data.Dataset, config, on_batch=None) -> dict:

@@ -103,7 +103,7 @@ def test_eval_once_prints_madry_lines_and_writes_tags_and_metrics(trained, tmp_p
     assert saved["attack_settings"] == {"epsilon": 8.0, "num_steps": 2, "step_size": 2.0,
                                         "random_start": True, "loss_func": "xent",
                                         "eval_attack_bn": "inference"}
-    assert saved["attack"].endswith("through PN (white-box)")
+    assert saved["attack"].endswith("white-box through PN")
     assert saved["inference"] == "PN (population statistics)"
     for key in ("natural_accuracy", "adversarial_accuracy", "avg_nat_loss", "avg_adv_loss"):
         assert saved[key] == record[key]
