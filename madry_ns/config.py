@@ -131,6 +131,10 @@ class Config:
     on_nonfinite: str = _key(
         "stop", "A non-finite loss, gradient or weight: 'stop' (exit non-zero, last good "
         "checkpoint kept as latest) or 'skip' (skip and log the batch)", _one_of("stop", "skip"))
+    precision: str = _key(
+        "float32", "'float32', 'mixed_float16' (GPU: float16 compute, float32 variables and BN "
+        "statistics, dynamic loss scaling) or 'mixed_bfloat16' (no loss scaling; CPUs with "
+        "AVX512_BF16, TPUs)", _one_of("float32", "mixed_float16", "mixed_bfloat16"))
     distribution: str = _key(
         "none", "'none', 'mirrored' (tf.distribute.MirroredStrategy over the GPUs, or logical "
         "CPUs) or 'multi_worker' (MultiWorkerMirroredStrategy, cluster from TF_CONFIG); "

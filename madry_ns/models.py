@@ -92,7 +92,8 @@ class _Classifier(keras.Model):
     def call(self, x, training=None, bn_mode=None):
         bn_mode = resolve_mode(bn_mode, training)
         x = tf.image.per_image_standardization(tf.cast(x, self.compute_dtype))
-        return self.forward(x, bn_mode)
+        # Logits in float32 whatever the compute precision: losses and attacks stay exact.
+        return tf.cast(self.forward(x, bn_mode), tf.float32)
 
     def build_for_input(self):
         """Create the variables by running one image through the network."""
@@ -215,14 +216,24 @@ class ResNet20(_Classifier):
 
 
 def build_model(config) -> _Classifier:
-    """The model a config names, with its variables created (seeded by the caller)."""
+    """The model a config names, with its variables created (seeded by the caller).
+
+    With `precision` mixed_*, every layer computes in float16/bfloat16 and keeps float32
+    variables (BN statistics included); the policy is set for construction only.
+    """
     width = config.model_width or STANDARD_WIDTH[config.model]
-    if config.model == "madry_wrn":
-        model = MadryWRN(width=width)
-    elif config.model == "resnet20":
-        model = ResNet20(width=width)
-    else:  # config validation makes this unreachable
-        raise ValueError(f"unknown model {config.model!r}")
+    previous = keras.config.dtype_policy()
+    if config.precision != "float32":
+        keras.config.set_dtype_policy(config.precision)
+    try:
+        if config.model == "madry_wrn":
+            model = MadryWRN(width=width)
+        elif config.model == "resnet20":
+            model = ResNet20(width=width)
+        else:  # config validation makes this unreachable
+            raise ValueError(f"unknown model {config.model!r}")
+    finally:
+        keras.config.set_dtype_policy(previous)
     if config.bn_sync == "synchronized" and config.distribution != "none":
         for bn in model.bn_layers():  # before the first call: statistics over all replicas
             bn.synchronized = True

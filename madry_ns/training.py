@@ -72,8 +72,12 @@ def learning_rate_schedule(step_size_schedule):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def make_optimizer(config) -> TF1Momentum:
-    return TF1Momentum(learning_rate_schedule(config.step_size_schedule), config.momentum)
+def make_optimizer(config) -> keras.optimizers.Optimizer:
+    """TF1 momentum with Madry's schedule; wrapped in dynamic loss scaling for float16."""
+    optimizer = TF1Momentum(learning_rate_schedule(config.step_size_schedule), config.momentum)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def weight_decay_loss(model):
@@ -190,6 +194,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, config):
         self.model, self.optimizer, self.config = model, optimizer, config
+        self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.strategy = tf.distribute.get_strategy()
         self.train_vars = model.trainable_variables
         self.bn_stats = [v for bn in model.bn_layers()
@@ -205,8 +210,12 @@ class TrainStep:
         x_train, _ = self.adversary(x, y, step)
         with tf.GradientTape() as tape:
             total, logits, per_example = training_loss(self.model, self.config, x, x_train, y)
-        grads = tape.gradient(total, self.train_vars)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+            scaled = self.optimizer.scale_loss(total) if self.loss_scaling else total
+        grads = tape.gradient(scaled, self.train_vars)
+        # Under loss scaling an overflowing gradient is routine: the optimizer skips the
+        # update and halves the scale. Only a non-finite loss is a fault there.
+        finite = tf.reduce_all(([] if self.loss_scaling else
+                                [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
                                + [tf.math.is_finite(total)])
         # The "adv" metrics cover the attacked rows only (all rows without shaping).
         a = slice(shaping.shaping_split(int(x.shape[0]), self.config.shaping_ratio)[0]
@@ -250,7 +259,12 @@ class TrainStep:
         saved = self._snapshot() if skip else None
         grads, metrics = self._compute(x, y, step)
         if bool(metrics["finite"]):
+            before = int(self.optimizer.iterations)
             metrics["weights_finite"] = bool(self._apply(grads))
+            if int(self.optimizer.iterations) == before:
+                # Loss scaling skipped an overflowing update; the step still counts, so the
+                # step counter keeps naming the data and learning rate of the next step.
+                self.optimizer.iterations.assign_add(1)
         elif skip:
             self._restore(saved)
         return metrics
