@@ -28,7 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files, shaping
+from madry_ns import attacks, checkpoints, data, files, finetune, shaping
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -76,9 +76,11 @@ def make_optimizer(config) -> TF1Momentum:
     return TF1Momentum(learning_rate_schedule(config.step_size_schedule), config.momentum)
 
 
-def weight_decay_loss(model):
-    """Madry's `_decay`: sum of tf.nn.l2_loss (sum(w^2)/2) over conv and dense kernels."""
-    return tf.add_n([tf.nn.l2_loss(v) for v in model.decay_variables()])
+def weight_decay_loss(model, variables=None):
+    """Madry's `_decay`: sum of tf.nn.l2_loss (sum(w^2)/2) over conv and dense kernels
+    (`variables`, default all of them; 0 for an empty list)."""
+    variables = model.decay_variables() if variables is None else variables
+    return tf.add_n([tf.nn.l2_loss(v) for v in variables]) if variables else tf.constant(0.0)
 
 
 def make_adversary(model, config):
@@ -131,28 +133,31 @@ def make_adversary(model, config):
 
 
 def training_loss(model, config, x, x_train, y):
-    """(total loss, logits on x_train, per-example CE on x_train) in batch_update mode.
+    """(total loss, logits on x_train, per-example CE on x_train) in the regime's BN mode
+    (`finetune.forward_bn_mode`: batch_update, or population when the statistics are frozen).
 
     Madry: mean CE on the (possibly mixed) batch. TRADES: CE(clean) + beta * mean
     KL(p_clean || p_train) with the clean target not detached, as the reference; clean and
     adversarial batches go through separate forwards, each with its own statistics. With
     shaping, TRADES updates with plain CE on the mixed batch (the paper) unless
-    shaping_trades_update is 'trades'. Plus Madry's weight decay.
+    shaping_trades_update is 'trades'. Plus Madry's weight decay over the trainable kernels.
     """
     global_batch = config.training_batch_size
-    logits = model(x_train, bn_mode="batch_update")
+    bn_mode = finetune.forward_bn_mode(config)
+    logits = model(x_train, bn_mode=bn_mode)
     per_example = attacks.xent_loss(logits, y)
     trades_update = config.training_method == "trades" and (
         config.shaping_ratio == 0 or config.shaping_trades_update == "trades")
     if trades_update:
-        clean_logits = model(x, bn_mode="batch_update")
+        clean_logits = model(x, bn_mode=bn_mode)
         loss = tf.nn.compute_average_loss(attacks.xent_loss(clean_logits, y),
                                           global_batch_size=global_batch)
         loss += config.trades_beta * tf.nn.compute_average_loss(
             shaping.kl_divergence(clean_logits, logits), global_batch_size=global_batch)
     else:
         loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-    decay = config.weight_decay * weight_decay_loss(model)
+    decay = config.weight_decay * weight_decay_loss(model,
+                                                    finetune.decay_variables(model, config))
     return loss + tf.nn.scale_regularization_loss(decay), logits, per_example
 
 
@@ -169,7 +174,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, config):
         self.model, self.optimizer, self.config = model, optimizer, config
-        self.train_vars = model.trainable_variables
+        self.train_vars = finetune.trainable_variables(model, config)
         self.bn_stats = [v for bn in model.bn_layers()
                          for v in (bn.moving_mean, bn.moving_variance)]
         self.adversary = make_adversary(model, config)
@@ -198,6 +203,9 @@ class TrainStep:
                        "learning_rate": tf.identity(self.optimizer.learning_rate)}
 
     def _apply_fn(self, grads):
+        if not self.train_vars:  # BN statistics only: nothing to update, the step still counts
+            self.optimizer.iterations.assign_add(1)
+            return tf.constant(True)
         self.optimizer.apply_gradients(zip(grads, self.train_vars))
         return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.train_vars])
 
@@ -230,12 +238,12 @@ class TrainingStopped(UserError):
         self.exit_code = exit_code
 
 
-def make_batch_accuracy(model):
-    """Accuracy on a batch with batch statistics and no moving-average update."""
+def make_batch_accuracy(model, bn_mode: str = "batch_frozen"):
+    """Accuracy on a batch, by default with batch statistics and no moving-average update."""
 
     @tf.function
     def accuracy(x, y):
-        logits = model(x, bn_mode="batch_frozen")
+        logits = model(x, bn_mode=bn_mode)
         return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
 
     return accuracy
@@ -259,13 +267,17 @@ def train(config, out=print) -> str:
     dataset = data.load_dataset(config)
     model = build_model(config)
     optimizer = make_optimizer(config)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(finetune.trainable_variables(model, config))
     os.makedirs(config.model_dir, exist_ok=True)
     checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer)
     restored = checkpointer.restore_latest()
     start = int(optimizer.iterations.numpy())
     if restored:
         out(f"Resuming from {restored} at step {start}")
+    else:
+        finetune.initialize(model, config, out)
+    if config.trainable != "all":  # Madry's console stays as it was for full training
+        out(finetune.describe(model, config))
     # Keep the configuration with the model for reproducibility (Madry's comment).
     files.atomic_write_text(os.path.join(config.model_dir, "config.json"), config.to_json())
 
@@ -274,7 +286,7 @@ def train(config, out=print) -> str:
         order_seed=config.np_random_seed, augment_seed=config.tf_random_seed,
         start_step=start, augmentation=config.augmentation))
     train_step = make_train_step(model, optimizer, config)
-    batch_accuracy = make_batch_accuracy(model)
+    batch_accuracy = make_batch_accuracy(model, finetune.report_bn_mode(config))
     nat_accuracy_attack = None
     writer = tf.summary.create_file_writer(config.model_dir)
     training_time = 0.0
@@ -307,8 +319,8 @@ def train(config, out=print) -> str:
                 if config.training_method == "natural":
                     # No attack in the step: measure robustness of this batch for the report.
                     if nat_accuracy_attack is None:
-                        nat_accuracy_attack = attacks.compile_pgd(model, config,
-                                                                  "batch_frozen")
+                        nat_accuracy_attack = attacks.compile_pgd(
+                            model, config, finetune.report_bn_mode(config))
                     x_pgd = nat_accuracy_attack(
                         x, y, tf.constant([config.np_random_seed, ii], tf.int64))
                     adv_acc = float(batch_accuracy(x_pgd, y))
