@@ -18,7 +18,8 @@ b = beta - gamma mean / sqrt(var + eps), from the moving statistics) and writes 
   mean and std of b; means of gamma, beta and the moving variance; and the difference of
   the mean of m to the reference model's (the first, or --reference);
 * `summary.json`: per model, the average over layers of that difference (the paper reports
-  -0.177 from NORMAL to BN PARAMS) and the checkpoint analysed;
+  -0.177 from NORMAL to BN PARAMS), in how many layers the mean of m is below the
+  reference's, the per-layer means and the checkpoint analysed;
 * `mean_m_per_layer.png`: the per-layer mean of m, one line per model (the paper's Figure 2);
 * `hist_layer_NN.png`: histograms of gamma, beta, m and b of layer NN (0 = the first BN in
   forward order), the models overlaid (the paper's Figure 1 shows its 8th layer);
@@ -186,7 +187,10 @@ def bn_analysis(models: dict, output_dir: str, reference: str | None = None,
             "checkpoint": sources.get(label), "step": steps.get(label),
             "mean_m_per_layer": [float(l["m"].mean()) for l in folded[label]],
             "average_mean_m_difference_to_reference": mean_m_difference(folded[reference],
-                                                                        folded[label])}
+                                                                        folded[label]),
+            "layers_with_lower_mean_m_than_reference": int(sum(
+                o["m"].mean() < r["m"].mean()
+                for r, o in zip(folded[reference], folded[label])))}
             for label in labels},
         "paper": "-0.177 average difference from NORMAL to BN PARAMS (ResNet-20, CIFAR-10)"}
     files.atomic_write_text(os.path.join(output_dir, "summary.json"),
@@ -288,7 +292,9 @@ def run_bn(paths: list[str], labels: list[str] | None, output_dir: str,
     for label in labels:
         if label != ref:
             d = summary["models"][label]["average_mean_m_difference_to_reference"]
-            out(f"average difference of per-layer mean m, {ref} -> {label}: {d:+.4f}")
+            lower = summary["models"][label]["layers_with_lower_mean_m_than_reference"]
+            out(f"average difference of per-layer mean m, {ref} -> {label}: {d:+.4f} (lower "
+                f"in {lower} of {len(summary['layers'])} layers)")
     out(f"wrote {output_dir}: bn_layers.csv, bn_channels.csv, summary.json, "
         f"mean_m_per_layer.png, {len(summary['layers'])} hist_layer_NN.png, tensorboard/")
     return summary

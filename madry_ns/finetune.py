@@ -5,13 +5,15 @@ Training" fine-tune a normally trained ResNet-20 adversarially with everything f
 (parts of) its BN layers, and train BN-only networks from scratch. The config key `trainable`
 selects the regime:
 
-| `trainable`        | updated by the optimizer           | BN statistics | paper (Table 1/2) |
+| `trainable`        | updated by the optimizer           | BN statistics | paper (Table 2)   |
 |--------------------|------------------------------------|---------------|-------------------|
 | `all`              | every parameter                    | updated       | NORMAL / ADV      |
 | `bn_stats`         | nothing                            | updated       | BN STATS          |
 | `bn_affine`        | gamma, beta of every BN            | frozen        | BN ONLY PARAMS    |
-| `bn`               | gamma, beta of every BN            | updated       | BN PARAMS; from scratch: + BN ONLY |
+| `bn`               | gamma, beta of every BN            | updated       | BN PARAMS, + BN ONLY |
 | `bn+logits+conv1`  | the above + logit layer + 1st conv | updated       | ... + log + conv1 |
+
+(+ BN ONLY: `bn` from scratch, without `init_checkpoint`.)
 
 "Updated" statistics come from the training forward in `batch_update` mode (the
 adversarial examples, for an adversarial `training_method`), the layer's exponential moving
