@@ -8,7 +8,9 @@ data order and random starts are functions of the step, so nothing else is neede
 TensorFlow writes the data files first and replaces the state file atomically last, so a
 run killed mid-save still names the previous, complete checkpoint as latest.
 
-Resume order (train.py): 1. the latest checkpoint in model_dir; 2. otherwise a fresh model.
+Resume order (train.py): 1. the latest checkpoint in model_dir (everything, including the
+optimizer and step); 2. otherwise `init_checkpoint` if the config names one (weights and BN
+statistics only: fresh optimizer, step 0; `madry_ns.finetune`); 3. otherwise a fresh model.
 
 Madry's own checkpoints (TF1 `Saver`, name-based: `unit_1_0/sub1/conv1/DW`, ... as in
 model.py, plus `<var>/Momentum` slots and `global_step`) are read by name into `MadryWRN`;

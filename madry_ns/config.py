@@ -24,6 +24,7 @@ DATASETS = ("cifar10", "digits")
 TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
 BN_MODES = ("population", "batch_update", "batch_frozen")
+TRAINABLE = ("all", "bn_stats", "bn_affine", "bn", "bn+logits+conv1")
 
 
 def _key(default: Any, doc: str, check: Callable[[Any], str | None] | None = None,
@@ -184,6 +185,19 @@ class Config:
         "forward that classifies: adaptive) or 'population' (the paper's transfer from PN)",
         _one_of("inference", "population"))
 
+    # ----- BN-only fine-tuning (Walter, Stutz & Schiele, fragile features; madry_ns.finetune) -----
+    trainable: str = _key(
+        "all", "What trains: 'all'; 'bn_stats' (BN statistics only, no parameter update); "
+        "'bn_affine' (BN gamma/beta, statistics frozen: population-mode forward); 'bn' (BN "
+        "gamma/beta and statistics); 'bn+logits+conv1' ('bn' plus the logit layer and the "
+        "first convolution)", _one_of(*TRAINABLE))
+    init_checkpoint: str | None = _key(
+        None, "Start from this model_dir or checkpoint prefix: weights and BN statistics, "
+        "fresh optimizer at step 0 (model_dir's own latest checkpoint takes precedence)")
+    reset_bn_stats: bool = _key(
+        False, "With init_checkpoint: reset the BN moving mean/variance to 0/1 before "
+        "training (BN STATS (reset))")
+
     def replace(self, **changes) -> "Config":
         """A copy with some keys changed, validated like a loaded file."""
         return from_dict({**self.to_dict(), **changes}, source="<replace>")
@@ -295,6 +309,18 @@ def _check_consistency(c: "Config", source: str) -> None:
             f"shaped inference per batch puts eval_batch_size/(inference_ratio+1) test images in "
             f"each forward: eval_batch_size {c.eval_batch_size} is not divisible by "
             f"{c.inference_ratio + 1}")
+    if c.trainable == "bn_affine" and c.train_attack_bn_mode == "batch_update":
+        problems.append("trainable 'bn_affine' keeps the BN statistics frozen, but "
+                        "train_attack_bn_mode 'batch_update' would update them at every attack "
+                        "step; use 'population' (the paper's attack on the eval-mode model) or "
+                        "'batch_frozen'")
+    if c.reset_bn_stats and not c.init_checkpoint:
+        problems.append("reset_bn_stats resets the statistics loaded from init_checkpoint, but "
+                        "init_checkpoint is not set (a fresh model starts at 0/1 anyway)")
+    if c.reset_bn_stats and c.trainable == "bn_affine":
+        problems.append("reset_bn_stats with trainable 'bn_affine' would freeze the statistics "
+                        "at mean 0 / variance 1; reset only where they are re-estimated "
+                        "('bn_stats', 'bn', 'bn+logits+conv1', 'all')")
     if problems:
         raise ConfigError(f"{source}: inconsistent configuration:\n  - " + "\n  - ".join(problems))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 
 import numpy as np
@@ -26,11 +27,23 @@ def atomic_open(path: str, mode: str = "w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _permissions(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _permissions(path: str) -> int:
+    """The mode a plain `open(path, "w")` would leave: the existing file's, else 0666 less
+    the umask (mkstemp's temporary files are 0600, readable by their owner only)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str, text: str) -> None:

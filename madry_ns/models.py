@@ -100,15 +100,24 @@ class _Classifier(keras.Model):
         self(tf.zeros([1, 32, 32, 3]), bn_mode="population")
         return self
 
+    def _sublayers(self) -> list:
+        """Every nested layer, depth first in creation order, which for these models is the
+        forward order. (Keras' `_flatten_layers` reverses the children of nested layers:
+        it gave block_1_0/bn2 before block_1_0/bn1.)"""
+        found, stack = [], list(reversed(self._layers))
+        while stack:  # a list, not a generator: AutoGraph cannot convert generators
+            layer = stack.pop()
+            found.append(layer)
+            stack.extend(reversed(layer._layers))
+        return found
+
     def bn_layers(self) -> list[BatchNorm]:
         """Every BatchNorm layer, in forward order."""
-        return [layer for layer in self._flatten_layers(include_self=False, recursive=True)
-                if isinstance(layer, BatchNorm)]
+        return [layer for layer in self._sublayers() if isinstance(layer, BatchNorm)]
 
     def decay_variables(self) -> list:
         """The variables Madry's weight decay covers: conv and dense kernels only."""
-        return [layer.kernel for layer in self._flatten_layers(include_self=False,
-                                                                 recursive=True)
+        return [layer.kernel for layer in self._sublayers()
                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
 
 

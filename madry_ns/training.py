@@ -28,7 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, distribute, files, shaping
+from madry_ns import attacks, checkpoints, data, distribute, files, finetune, shaping
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -80,9 +80,11 @@ def make_optimizer(config) -> keras.optimizers.Optimizer:
     return optimizer
 
 
-def weight_decay_loss(model):
-    """Madry's `_decay`: sum of tf.nn.l2_loss (sum(w^2)/2) over conv and dense kernels."""
-    return tf.add_n([tf.nn.l2_loss(v) for v in model.decay_variables()])
+def weight_decay_loss(model, variables=None):
+    """Madry's `_decay`: sum of tf.nn.l2_loss (sum(w^2)/2) over conv and dense kernels
+    (`variables`, default all of them; 0 for an empty list)."""
+    variables = model.decay_variables() if variables is None else variables
+    return tf.add_n([tf.nn.l2_loss(v) for v in variables]) if variables else tf.constant(0.0)
 
 
 def make_adversary(model, config):
@@ -152,28 +154,31 @@ def make_adversary(model, config):
 
 
 def training_loss(model, config, x, x_train, y):
-    """(total loss, logits on x_train, per-example CE on x_train) in batch_update mode.
+    """(total loss, logits on x_train, per-example CE on x_train) in the regime's BN mode
+    (`finetune.forward_bn_mode`: batch_update, or population when the statistics are frozen).
 
     Madry: mean CE on the (possibly mixed) batch. TRADES: CE(clean) + beta * mean
     KL(p_clean || p_train) with the clean target not detached, as the reference; clean and
     adversarial batches go through separate forwards, each with its own statistics. With
     shaping, TRADES updates with plain CE on the mixed batch (the paper) unless
-    shaping_trades_update is 'trades'. Plus Madry's weight decay.
+    shaping_trades_update is 'trades'. Plus Madry's weight decay over the trainable kernels.
     """
     global_batch = config.training_batch_size
-    logits = model(x_train, bn_mode="batch_update")
+    bn_mode = finetune.forward_bn_mode(config)
+    logits = model(x_train, bn_mode=bn_mode)
     per_example = attacks.xent_loss(logits, y)
     trades_update = config.training_method == "trades" and (
         config.shaping_ratio == 0 or config.shaping_trades_update == "trades")
     if trades_update:
-        clean_logits = model(x, bn_mode="batch_update")
+        clean_logits = model(x, bn_mode=bn_mode)
         loss = tf.nn.compute_average_loss(attacks.xent_loss(clean_logits, y),
                                           global_batch_size=global_batch)
         loss += config.trades_beta * tf.nn.compute_average_loss(
             shaping.kl_divergence(clean_logits, logits), global_batch_size=global_batch)
     else:
         loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-    decay = config.weight_decay * weight_decay_loss(model)
+    decay = config.weight_decay * weight_decay_loss(model,
+                                                    finetune.decay_variables(model, config))
     return loss + tf.nn.scale_regularization_loss(decay), logits, per_example
 
 
@@ -196,7 +201,7 @@ class TrainStep:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.strategy = tf.distribute.get_strategy()
-        self.train_vars = model.trainable_variables
+        self.train_vars = finetune.trainable_variables(model, config)
         self.bn_stats = [v for bn in model.bn_layers()
                          for v in (bn.moving_mean, bn.moving_variance)]
         self.adversary = make_adversary(model, config)
@@ -238,6 +243,10 @@ class TrainStep:
             "learning_rate": tf.identity(self.optimizer.learning_rate)}
 
     def _apply_fn(self, grads):
+        if not self.train_vars:  # BN statistics only: nothing to update, the step still counts
+            self.optimizer.iterations.assign_add(1)
+            return tf.constant(True)
+
         def apply(grads):
             self.optimizer.apply_gradients(zip(grads, self.train_vars))
             return 1 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
@@ -283,12 +292,12 @@ class TrainingStopped(UserError):
         self.exit_code = exit_code
 
 
-def make_batch_accuracy(model):
-    """Accuracy on a batch with batch statistics and no moving-average update."""
+def make_batch_accuracy(model, bn_mode: str = "batch_frozen"):
+    """Accuracy on a batch, by default with batch statistics and no moving-average update."""
 
     @tf.function
     def accuracy(x, y):
-        logits = model(x, bn_mode="batch_frozen")
+        logits = model(x, bn_mode=bn_mode)
         return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
 
     return accuracy
@@ -319,7 +328,7 @@ def train(config, out=print) -> str:
     with strategy.scope():
         model = build_model(config)
         optimizer = make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+        optimizer.build(finetune.trainable_variables(model, config))
     if chief:
         os.makedirs(config.model_dir, exist_ok=True)
     save_dir = distribute.WorkerCheckpointDir(config.model_dir, chief, strategy)
@@ -329,6 +338,10 @@ def train(config, out=print) -> str:
     start = int(optimizer.iterations.numpy())
     if restored:
         out(f"Resuming from {restored} at step {start}")
+    else:
+        finetune.initialize(model, config, out)
+    if config.trainable != "all":  # Madry's console stays as it was for full training
+        out(finetune.describe(model, config))
     if chief:  # keep the configuration with the model for reproducibility (Madry's comment)
         files.atomic_write_text(os.path.join(config.model_dir, "config.json"),
                                 config.to_json())
@@ -345,7 +358,7 @@ def train(config, out=print) -> str:
         start_step=start, augmentation=config.augmentation))
     with strategy.scope():
         train_step = make_train_step(model, optimizer, config)
-    batch_accuracy = make_batch_accuracy(model)
+    batch_accuracy = make_batch_accuracy(model, finetune.report_bn_mode(config))
     nat_accuracy_attack = None
     writer = tf.summary.create_file_writer(config.model_dir) if chief else \
         tf.summary.create_noop_writer()
@@ -381,8 +394,8 @@ def train(config, out=print) -> str:
                     if config.training_method == "natural":
                         # No attack in the step: measure this batch's robustness for the report.
                         if nat_accuracy_attack is None:
-                            nat_accuracy_attack = attacks.compile_pgd(model, config,
-                                                                      "batch_frozen")
+                            nat_accuracy_attack = attacks.compile_pgd(
+                                model, config, finetune.report_bn_mode(config))
                         x_pgd = nat_accuracy_attack(
                             x, y, tf.constant([config.np_random_seed, ii], tf.int64))
                         adv_acc = float(batch_accuracy(x_pgd, y))
