@@ -92,8 +92,9 @@ class _Classifier(keras.Model):
     def call(self, x, training=None, bn_mode=None):
         bn_mode = resolve_mode(bn_mode, training)
         x = tf.image.per_image_standardization(tf.cast(x, self.compute_dtype))
-        # Logits in float32 whatever the compute precision: losses and attacks stay exact.
-        return tf.cast(self.forward(x, bn_mode), tf.float32)
+        logits = self.forward(x, bn_mode)
+        # Float32 logits under mixed precision: losses and attack gradients stay accurate.
+        return tf.cast(logits, tf.float32) if logits.dtype.size < 4 else logits
 
     def build_for_input(self):
         """Create the variables by running one image through the network."""

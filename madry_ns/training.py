@@ -248,6 +248,9 @@ class TrainStep:
             return tf.constant(True)
 
         def apply(grads):
+            # Identities place the gradients on this replica's device: arriving as function
+            # inputs they have none, and a multi-worker all-reduce needs one.
+            grads = [tf.identity(g) for g in grads]
             self.optimizer.apply_gradients(zip(grads, self.train_vars))
             return 1 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                                               for v in self.train_vars]), tf.int32)
@@ -268,9 +271,9 @@ class TrainStep:
         saved = self._snapshot() if skip else None
         grads, metrics = self._compute(x, y, step)
         if bool(metrics["finite"]):
-            before = int(self.optimizer.iterations)
+            before = int(self.optimizer.iterations.numpy())
             metrics["weights_finite"] = bool(self._apply(grads))
-            if int(self.optimizer.iterations) == before:
+            if int(self.optimizer.iterations.numpy()) == before:
                 # Loss scaling skipped an overflowing update; the step still counts, so the
                 # step counter keeps naming the data and learning rate of the next step.
                 self.optimizer.iterations.assign_add(1)
