@@ -28,7 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files, shaping
+from madry_ns import attacks, checkpoints, data, files, rna, shaping
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -91,7 +91,8 @@ def make_adversary(model, config):
       method) or as part of a fully attacked batch ('train_only');
     * natural: the clean batch.
     The attack runs in `train_attack_bn_mode`. `p_clean_logits` (TRADES only) are the clean
-    batch's logits in that mode, the KL target of the attack.
+    batch's logits in that mode, the KL target of the attack. With RNA layers the attack and
+    the update run on random paths (`rna.with_random_paths`).
     """
     params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
                   step_size=config.step_size)
@@ -127,7 +128,7 @@ def make_adversary(model, config):
                 p_clean_logits=p_clean, init_std=config.trades_init_std, **params)
         return tf.concat([x[:k], x_att], 0), p_clean
 
-    return adversary
+    return rna.with_random_paths(model, config, adversary)
 
 
 def training_loss(model, config, x, x_train, y):
