@@ -172,10 +172,10 @@ def describe_rna(config, attack: str) -> dict:
     if config.rna_inference_path == "fixed":
         return {"inference": f"{space}: one fixed path (seed {config.inference_seed})",
                 "attack": f"{attack} on the fixed path that classifies (white-box on one path)"}
-    return {"inference": f"{space}: a fresh random path for every test batch",
+    return {"inference": f"{space}: a fresh random path for every classified batch",
             "attack": (f"{attack} on the attacker's own random path, classified on another "
                        f"(the paper's protocol, a transfer between paths; fixed-path, EOT and "
-                       f"AutoAttack-EOT numbers: python -m madry_ns.rna_eval)")}
+                       f"AutoAttack-EOT numbers: python rna_eval.py)")}
 
 
 def evaluate(model, dataset: data.Dataset, config, on_batch=None) -> dict:

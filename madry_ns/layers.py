@@ -21,6 +21,9 @@ normalization and the full gradient in one op; it is markedly faster on CPU than
 separate-moments implementation and works under XLA. The moving variance is updated with the
 biased batch variance, as Keras does; TF1's fused path (Madry) used the Bessel-corrected one,
 a factor n/(n-1) that is below 1.0002 at Madry's sizes.
+
+`RandomNorm` is the layer of Random Normalization Aggregation (RNA): several normalization
+candidates (BN, instance, layer and group norm), one active at a time, chosen by a variable.
 """
 
 from __future__ import annotations

@@ -133,6 +133,16 @@ class _Classifier(keras.Model):
         self(tf.zeros([1, 32, 32, 3]), bn_mode="population")
         return self
 
+    def _norms(self, width, norm_layer, rna_candidates, epsilon=1e-3):
+        """Record the constructor's width and norm settings; the norm layer factory."""
+        self.width = width
+        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
+        return norm_factory(norm_layer, rna_candidates, epsilon)
+
+    def get_config(self):
+        return {"width": self.width, "norm_layer": self.norm_layer,
+                "rna_candidates": list(self.rna_candidate_names)}
+
     # ----- Random Normalization Aggregation: the path -----
     # A path is the int32 vector of the active candidate of every RNA layer, in forward
     # order. Sampling is stateless in an explicit seed, so it runs inside compiled functions
@@ -275,9 +285,7 @@ class MadryWRN(_Classifier):
     def __init__(self, width: int = 10, num_classes: int = 10, norm_layer: str = "bn",
                  rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
         super().__init__(**kwargs)
-        self.width = width
-        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
-        norm = norm_factory(norm_layer, rna_candidates)
+        norm = self._norms(width, norm_layer, rna_candidates)
         filters = [16, 16 * width, 32 * width, 64 * width]
         strides = [1, 2, 2]
         self.init_conv = _conv(16, 1, "init_conv", _MADRY_CONV_INIT)
@@ -313,10 +321,6 @@ class MadryWRN(_Classifier):
         names.update({"logit/DW": self.logit.kernel, "logit/biases": self.logit.bias})
         return names
 
-    def get_config(self):
-        return {"width": self.width, "norm_layer": self.norm_layer,
-                "rna_candidates": list(self.rna_candidate_names)}
-
 
 class _BasicBlock(keras.layers.Layer):
     """ResNet basic block, BN before activation; option-A shortcut (stride + zero pad)."""
@@ -350,9 +354,7 @@ class ResNet20(_Classifier):
     def __init__(self, width: int = 1, num_classes: int = 10, norm_layer: str = "bn",
                  rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
         super().__init__(**kwargs)
-        self.width = width
-        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
-        norm = norm_factory(norm_layer, rna_candidates)
+        norm = self._norms(width, norm_layer, rna_candidates)
         filters = [16 * width, 32 * width, 64 * width]
         self.init_conv = _conv(filters[0], 1, "init_conv", _HE_INIT)
         self.init_bn = norm("init_bn")
@@ -372,10 +374,6 @@ class ResNet20(_Classifier):
         for name in self.block_names:
             x = getattr(self, name)(x, bn_mode=bn_mode)
         return self.logit(tf.reduce_mean(x, axis=[1, 2]))
-
-    def get_config(self):
-        return {"width": self.width, "norm_layer": self.norm_layer,
-                "rna_candidates": list(self.rna_candidate_names)}
 
 
 class TorchConv2D(keras.layers.Conv2D):
@@ -437,9 +435,7 @@ class ResNet18(_Classifier):
     def __init__(self, width: int = 64, num_classes: int = 10, norm_layer: str = "bn",
                  rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
         super().__init__(**kwargs)
-        self.width = width
-        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
-        norm = norm_factory(norm_layer, rna_candidates, epsilon=1e-5)
+        norm = self._norms(width, norm_layer, rna_candidates, epsilon=1e-5)
         self.init_conv = TorchConv2D(width, 3, 1, name="init_conv")
         self.init_bn = norm("init_bn")
         self.block_names = []
@@ -460,10 +456,6 @@ class ResNet18(_Classifier):
         for name in self.block_names:
             x = getattr(self, name)(x, bn_mode=bn_mode)
         return self.logit(tf.reduce_mean(x, axis=[1, 2]))
-
-    def get_config(self):
-        return {"width": self.width, "norm_layer": self.norm_layer,
-                "rna_candidates": list(self.rna_candidate_names)}
 
 
 class _PreActivationBlock(keras.layers.Layer):
@@ -505,9 +497,7 @@ class WRN34(_Classifier):
     def __init__(self, width: int = 10, num_classes: int = 10, norm_layer: str = "bn",
                  rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
         super().__init__(**kwargs)
-        self.width = width
-        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
-        norm = norm_factory(norm_layer, rna_candidates, epsilon=1e-5)
+        norm = self._norms(width, norm_layer, rna_candidates, epsilon=1e-5)
         filters = [16, 16 * width, 32 * width, 64 * width]
         self.init_conv = TorchConv2D(16, 3, 1, name="init_conv")
         self.block_names = []
@@ -530,10 +520,6 @@ class WRN34(_Classifier):
             x = getattr(self, name)(x, bn_mode=bn_mode)
         x = tf.nn.relu(self.final_bn(x, mode=bn_mode))
         return self.logit(tf.reduce_mean(x, axis=[1, 2]))
-
-    def get_config(self):
-        return {"width": self.width, "norm_layer": self.norm_layer,
-                "rna_candidates": list(self.rna_candidate_names)}
 
 
 MODEL_CLASSES = {"madry_wrn": MadryWRN, "resnet20": ResNet20, "resnet18": ResNet18,

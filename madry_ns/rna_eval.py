@@ -1,6 +1,6 @@
 """Evaluating a random-path defense (RNA) so that its randomness cannot fool the number.
 
-`python -m madry_ns.rna_eval --config CONFIG [--checkpoint PATH] [--protocols ...]` evaluates
+`python rna_eval.py --config CONFIG [--checkpoint PATH] [--protocols ...]` evaluates
 the latest checkpoint in model_dir (or PATH) on the first `num_eval_examples` test images,
 under four protocols, each labelled with how its adversarial examples were generated and how
 they were classified:
@@ -302,34 +302,3 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     out(table(result, config.model))
     out(f"appended to {output}")
     return record
-
-
-def main(argv):
-    """`python -m madry_ns.rna_eval`: see the module docstring."""
-    del argv
-    from madry_ns import cli
-
-    config = cli.load_config()
-    settings = Settings(protocols=tuple(FLAGS.protocols), repeats=FLAGS.repeats,
-                        eot_samples=FLAGS.eot_samples, apgd_steps=FLAGS.apgd_steps)
-    evaluate_checkpoint(config, FLAGS.checkpoint, settings, FLAGS.output)
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from madry_ns import cli
-
-    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: the latest in "
-                        "model_dir).")
-    flags.DEFINE_list("protocols", list(PROTOCOLS), "Protocols to run, among "
-                      + ", ".join(PROTOCOLS) + ".")
-    flags.DEFINE_integer("repeats", Settings.repeats, "R: fresh random paths per "
-                         "classification.")
-    flags.DEFINE_integer("eot_samples", Settings.eot_samples, "K: random paths per EOT "
-                         "gradient (EOT-PGD and APGD).")
-    flags.DEFINE_integer("apgd_steps", Settings.apgd_steps, "APGD iterations.")
-    flags.DEFINE_string("output", None, "JSON lines file to append the result to (default "
-                        "model_dir/eval/rna_eval.jsonl).")
-    FLAGS = flags.FLAGS
-    cli.run(main)
