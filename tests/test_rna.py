@@ -705,3 +705,47 @@ def test_pad4_flip_crops_40x40_windows_with_all_nine_offsets_and_flips():
         offsets.add(found[0][:2])
         flips += found[0][2]
     assert len(offsets) == 81 and 200 < flips < 312
+
+
+# ----------------------------------------------------------------------------------------
+# The scripts: train.py, eval.py and rna_eval.py on the digits config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "rna", "digits_resnet18.json")
+
+
+def _script(args, cwd):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_rna_eval_script_refuses_an_unknown_protocol_without_a_traceback(tmp_path):
+    result = _script([os.path.join(ROOT, "rna_eval.py"), "--config", DIGITS,
+                      "--protocols", "paper,pgd"], tmp_path)
+    assert result.returncode == 2
+    assert "error: --protocols paper,pgd" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_digits_config_trains_and_rna_eval_reports_the_protocols(tmp_path):
+    sets = ["--set", f"model_dir={tmp_path / 'model'}", "--set", "max_num_training_steps=4",
+            "--set", "model_width=2", "--set", "num_eval_examples=20",
+            "--set", "eval_batch_size=10", "--set", "num_steps=2"]
+    trained = _script([os.path.join(ROOT, "train.py"), "--config", DIGITS] + sets, tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = _script([os.path.join(ROOT, "eval.py"), "--config", DIGITS, "--once"] + sets,
+                        tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "the paper's protocol, a transfer between paths" in evaluated.stdout
+    result = _script([os.path.join(ROOT, "rna_eval.py"), "--config", DIGITS, "--repeats", "3",
+                      "--eot_samples", "2", "--apgd_steps", "3"] + sets, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("| resnet18 |") == 5
+    [record] = [json.loads(line) for line in open(tmp_path / "model" / "eval" /
+                                                   "rna_eval.jsonl")]
+    assert record["step"] == 4 and record["settings"]["repeats"] == 3
+    assert list(record["results"]) == ["clean", "paper", "fixed", "eot", "aa_eot"]
