@@ -65,12 +65,12 @@ def _check_linf(epsilon, num_steps):
         raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
 
 
-def _apgd_run(logits_fn, x, y, loss_fn, *, epsilon, num_steps, rho, seed):
+def _apgd_run(logits_fn, x, y, loss_fn, *, epsilon, num_steps, rho, seed, eot_samples=None):
     """One APGD run (`attack_single_run`, L-inf) on the full batch.
 
     Returns (x_best, robust, loss_best, x_best_adv): the highest-loss iterate, whether the
     image was classified correctly at every iterate, its best loss, and the last iterate
-    at which it was misclassified.
+    at which it was misclassified. With `eot_samples`, see `apgd`.
     """
     x = tf.cast(x, tf.float32)
     lower = tf.maximum(x - epsilon, PIXEL_MIN)
@@ -80,20 +80,42 @@ def _apgd_run(logits_fn, x, y, loss_fn, *, epsilon, num_steps, rho, seed):
     n_iter_min = max(int(0.06 * num_steps), 1)  # shortest interval between checkpoints
     size_decr = max(int(0.03 * num_steps), 1)
 
-    def loss_and_grad(x_adv):
+    def one_draw(x_adv, *draw_seed):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            logits = logits_fn(x_adv)
+            logits = logits_fn(x_adv, *draw_seed)
             loss = loss_fn(logits, y)
             total = tf.reduce_sum(loss)
         return logits, loss, tape.gradient(total, x_adv)
+
+    def loss_and_grad(x_adv, call):
+        if eot_samples is None:
+            return one_draw(x_adv)
+        # AutoAttack's eot_iter: the gradient is the mean over draws; the logits and loss of
+        # the last draw drive the bookkeeping, as in the official code. Draw k of call c
+        # (0 at the start, i + 1 at step i) uses fold(fold(seed, c + 1), k).
+        call_seed = _fold(seed, call + 1)
+
+        def add_draw(k, logits, loss, total):
+            logits, loss, grad = one_draw(x_adv, _fold(call_seed, k))
+            return k + 1, logits, loss, total + grad
+
+        # The logits start empty (their class count is unknown before the first draw), so
+        # the forward is traced once, inside the loop.
+        batch = tf.shape(x_adv)[0]
+        _, logits, loss, total = tf.while_loop(
+            lambda k, *_: k < eot_samples, add_draw,
+            (tf.constant(0), tf.zeros([batch, 0]), tf.zeros([batch]), tf.zeros_like(x_adv)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]),
+                              tf.TensorShape([None]), x_adv.shape))
+        return logits, loss, total / float(eot_samples)
 
     # Start at x + eps * t / max|t| with t ~ U(-1, 1): a random point whose largest
     # coordinate reaches the ball's boundary.
     t = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0)
     t_max = tf.reduce_max(tf.abs(t), axis=axes, keepdims=True)
     x_adv = tf.clip_by_value(x + epsilon * t / (t_max + 1e-12), PIXEL_MIN, PIXEL_MAX)
-    logits, loss, grad = loss_and_grad(x_adv)
+    logits, loss, grad = loss_and_grad(x_adv, 0)
     robust = tf.equal(tf.argmax(logits, 1), _labels(y))
     batch = tf.shape(x)[0]
     state = dict(
@@ -112,7 +134,7 @@ def _apgd_run(logits_fn, x, y, loss_fn, *, epsilon, num_steps, rho, seed):
         step = _per_image(s["step"], x)
         z = tf.clip_by_value(x_adv + step * tf.sign(s["grad"]), lower, upper)
         x_new = tf.clip_by_value(x_adv + (z - x_adv) * a + momentum * (1.0 - a), lower, upper)
-        logits, loss, grad = loss_and_grad(x_new)
+        logits, loss, grad = loss_and_grad(x_new, i + 1)
         wrong = tf.not_equal(tf.argmax(logits, 1), _labels(y))
         robust = tf.logical_and(s["robust"], tf.logical_not(wrong))
         x_best_adv = tf.where(_per_image(wrong, x), x_new, s["x_best_adv"])
@@ -158,7 +180,8 @@ def _apgd_run(logits_fn, x, y, loss_fn, *, epsilon, num_steps, rho, seed):
     return s["x_best"], s["robust"], s["loss_best"], s["x_best_adv"]
 
 
-def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho, seed):
+def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho, seed,
+               eot_samples=None):
     """`num_runs` APGD runs on the full batch; per image the first adversarial point found,
     else the highest-loss point. `make_loss(run)` gives run `run`'s per-example loss."""
     x = tf.cast(x, tf.float32)
@@ -166,7 +189,7 @@ def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho,
     def body(run, x_out, broken, loss_out):
         x_best, robust, loss_best, x_best_adv = _apgd_run(
             logits_fn, x, y, make_loss(run), epsilon=epsilon, num_steps=num_steps, rho=rho,
-            seed=_fold(seed, run))
+            seed=_fold(seed, run), eot_samples=eot_samples)
         newly = tf.logical_and(tf.logical_not(robust), tf.logical_not(broken))
         higher = tf.logical_and(tf.logical_not(tf.logical_or(broken, newly)),
                                 loss_best > loss_out)
@@ -183,7 +206,8 @@ def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho,
 
 
 def apgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,
-         num_restarts: int = 1, loss: str = "ce", rho: float = 0.75, seed=(0, 0)):
+         num_restarts: int = 1, loss: str = "ce", rho: float = 0.75, seed=(0, 0),
+         eot_samples: int | None = None):
     """APGD (L-inf) on cross-entropy (`loss="ce"`, APGD-CE) or untargeted DLR ("dlr").
 
     Momentum 0.75 (none on the first step), initial step 2 * epsilon, step halving at
@@ -191,13 +215,22 @@ def apgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,
     from the best point; `num_restarts` runs from independent random starts (AutoAttack
     standard: 1). Returns, per image, the first adversarial point found, else the
     highest-loss point.
+
+    For randomized defenses, `eot_samples` K makes it AutoAttack's EOT variant (its 'rand'
+    version runs APGD-CE and APGD-DLR with eot_iter 20): `logits_fn(x, draw_seed)` is then
+    one random draw of the defense (an int64 [2] seed, as `attacks.eot_pgd`), every gradient
+    is the mean over K draws, and the logits of the last draw decide the step-size
+    bookkeeping and which iterate counts as adversarial.
     """
     _check_linf(epsilon, num_steps)
     losses = {"ce": xent_loss, "dlr": dlr_loss}
     if loss not in losses:
         raise ValueError(f"loss must be one of {sorted(losses)}, got {loss!r}")
+    if eot_samples is not None and (int(eot_samples) != eot_samples or eot_samples < 1):
+        raise ValueError(f"eot_samples must be a positive integer, got {eot_samples}")
     return _apgd_runs(logits_fn, x, y, num_restarts, lambda run: losses[loss],
-                      epsilon=epsilon, num_steps=num_steps, rho=rho, seed=seed)
+                      epsilon=epsilon, num_steps=num_steps, rho=rho, seed=seed,
+                      eot_samples=eot_samples)
 
 
 def apgd_targeted(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,

@@ -52,7 +52,7 @@ def write_attack_file(config, out=print) -> str:
         else:
             bar.update()
 
-    if config.inference_bn != "population":  # Madry's output is unchanged otherwise
+    if not evaluation.is_madrys_protocol(config):  # Madry's output is unchanged otherwise
         out(f"attack: {evaluation.describe(config)['attack']}")
     x_adv = evaluation.generate_adversarial(model, dataset, config, on_batch)
     bar.close()
@@ -82,7 +82,7 @@ def run_attack(config, out=print, pred_path: str = PRED_PATH) -> dict:
     l_inf = attack_file.check_perturbation(x_adv, dataset.test_images[:n], config.epsilon)
     model = load_checkpoint_model(config, checkpoint)
     classify = evaluation.make_classifier(model, config, dataset)
-    if config.inference_bn != "population":
+    if not evaluation.is_madrys_protocol(config):
         out(f"inference: {evaluation.describe(config)['inference']}")
     pred = evaluation.predict(classify, x_adv, config.eval_batch_size)
     accuracy = float(np.mean(pred == dataset.test_labels[:n]))

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from madry_ns.errors import ConfigError
 
-MODELS = ("madry_wrn", "resnet20")
+MODELS = ("madry_wrn", "resnet20", "resnet18", "wrn34")
 DATASETS = ("cifar10", "digits")
 TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
@@ -49,6 +49,27 @@ def _one_of(*choices):
     def check(v):
         return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
     return check
+
+
+def rna_candidate_error(name) -> str | None:
+    """Why `name` is not an RNA candidate, or None: 'bn', 'in', 'ln' or 'gn_<groups>'."""
+    if name in ("bn", "in", "ln"):
+        return None
+    if isinstance(name, str) and name.startswith("gn_") and name[3:].isdigit() \
+            and int(name[3:]) >= 1:
+        return None
+    return (f"RNA candidate {json.dumps(name)} is not one of 'bn', 'in', 'ln' or "
+            f"'gn_<groups>' (e.g. 'gn_4')")
+
+
+def _rna_candidates(v):
+    expected = "a non-empty list of distinct names among 'bn', 'in', 'ln', 'gn_<groups>'"
+    if not v or not isinstance(v, list) or len(set(map(str, v))) != len(v):
+        return expected
+    for name in v:
+        if rna_candidate_error(name):
+            return expected + f" ({rna_candidate_error(name)})"
+    return None
 
 
 def _schedule(v):
@@ -112,16 +133,40 @@ class Config:
                                "adversarial examples", madry=True)
 
     # ----- madry_ns keys (defaults keep Madry's behaviour) -----
-    model: str = _key("madry_wrn", "'madry_wrn' (Madry's WRN-34) or 'resnet20'", _one_of(*MODELS))
+    model: str = _key("madry_wrn", "'madry_wrn' (Madry's WRN-34), 'resnet20', or the RNA code's "
+                      "PyTorch 'resnet18' and 'wrn34' (WRN-34-10: pre-activation, ReLU, 1x1-conv "
+                      "shortcuts)", _one_of(*MODELS))
     model_width: int | None = _key(
-        None, "Width factor; null = the model's standard width (10 for madry_wrn: Madry's "
-        "16/160/320/640; 1 for resnet20: 16/32/64). madry_wrn width 1 is the narrow "
-        "16/16/32/64 variant Madry's code mentions", _positive)
+        None, "Width; null = the model's standard width (10 for madry_wrn: Madry's "
+        "16/160/320/640; 1 for resnet20: 16/32/64; 64 for resnet18: first-stage filters "
+        "64/128/256/512; 10 for wrn34). madry_wrn width 1 is the narrow 16/16/32/64 variant "
+        "Madry's code mentions; resnet18 width 8 (8/16/32/64) is CPU-sized", _positive)
+    norm_layer: str = _key("bn", "'bn' (batch norm) or 'rna' (Random Normalization Aggregation: "
+                           "each batch norm becomes a random choice among rna_candidates; "
+                           "the final BN of madry_wrn and wrn34 stays BN, as released)",
+                           _one_of("bn", "rna"))
+    rna_candidates: list = _key(
+        ["bn", "in"], "RNA candidates: 'bn', 'in' (instance norm with affine), 'ln' (layer "
+        "norm) and 'gn_<groups>'; each with its own parameters. Released: bn and in",
+        _rna_candidates)
+    rna_sampling: str = _key(
+        "per_layer", "RNA path sampling: 'per_layer' (each layer independently, the released "
+        "--mixed) or 'network' (one candidate for every layer)", _one_of("per_layer", "network"))
+    rna_train_path: str = _key(
+        "resample", "RNA training: the update runs on a path 'resample'd after the attack (the "
+        "released 'black-box adversarial training') or on the 'same' path the attack used",
+        _one_of("resample", "same"))
+    rna_inference_path: str = _key(
+        "fresh", "RNA in eval.py, pgd_attack.py, run_attack.py: 'fresh' (a new random path for "
+        "every forward; the PGD attacker draws its own path: the paper's protocol) or 'fixed' "
+        "(one seeded path, from inference_seed, for attack and classification)",
+        _one_of("fresh", "fixed"))
     dataset: str = _key("cifar10", "'cifar10' or 'digits' (scikit-learn's bundled handwritten "
                         "digits as 32x32x3, offline)", _one_of(*DATASETS))
     augmentation: str = _key("madry", "Training augmentation: 'madry' (zero-pad to 36, random "
-                             "32x32 crop, random flip), 'crop' (no flip) or 'none'",
-                             _one_of("madry", "crop", "none"))
+                             "32x32 crop, random flip), 'crop' (no flip), 'pad4_flip' (PyTorch's "
+                             "RandomCrop(32, padding=4) + flip: RNA, TRADES) or 'none'",
+                             _one_of("madry", "crop", "pad4_flip", "none"))
     training_method: str = _key("madry", "'madry' (PGD adversarial training), 'trades' (KL "
                                 "attack, CE + beta KL update) or 'natural' (clean batches)",
                                 _one_of(*TRAINING_METHODS))
@@ -129,6 +174,10 @@ class Config:
         "batch_update", "BN mode of the training attack: 'batch_update' (Madry: every attack step "
         "updates the moving averages), 'batch_frozen' (batch statistics, no update) or "
         "'population'", _one_of(*BN_MODES))
+    weight_decay_variables: str = _key(
+        "kernels", "What weight_decay covers: 'kernels' (conv and dense kernels, Madry) or 'all' "
+        "trainable variables (PyTorch SGD's weight_decay: the RNA code)",
+        _one_of("kernels", "all"))
     on_nonfinite: str = _key(
         "stop", "A non-finite loss, gradient or weight: 'stop' (exit non-zero, last good "
         "checkpoint kept as latest) or 'skip' (skip and log the batch)", _one_of("stop", "skip"))
@@ -303,6 +352,14 @@ def _check_consistency(c: "Config", source: str) -> None:
             problems.append("shaping_mode 'attack_and_train' runs the attack through the mixed "
                             "batch's statistics; train_attack_bn_mode must be 'batch_update' or "
                             "'batch_frozen', not 'population'")
+    if c.norm_layer == "rna":
+        if c.inference_bn == "shaped":
+            problems.append("norm_layer 'rna' classifies with random paths; inference_bn "
+                            "'shaped' is for batch-norm shaping ('population' or 'batch')")
+        if c.eval_attack_bn == "population" and c.inference_bn != "population":
+            problems.append("norm_layer 'rna': the eval attack runs through the inference "
+                            "forward on its own path; eval_attack_bn 'population' with "
+                            "inference_bn 'batch' is not supported")
     if (c.inference_bn == "shaped" and c.inference_mixing == "per_batch"
             and c.eval_batch_size % (c.inference_ratio + 1)):
         problems.append(

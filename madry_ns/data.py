@@ -36,7 +36,7 @@ META_FILE = "batches.meta"
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                   "ship", "truck"]
 DIGITS_TEST_SIZE = 300
-AUGMENTATIONS = ("madry", "crop", "none")
+AUGMENTATIONS = ("madry", "crop", "pad4_flip", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,21 +219,27 @@ def augment_batch(images, seed, mode: str = "madry"):
     """Madry's per-image augmentation on a float batch, stateless in `seed`.
 
     Zero-pad to 36x36, crop a random 32x32 window (offsets 0..4), and ('madry') flip left-right
-    with probability 1/2. The crop and flip are one gather per axis.
+    with probability 1/2. 'pad4_flip' is PyTorch's RandomCrop(32, padding=4) and
+    RandomHorizontalFlip: zero-pad to 40x40, offsets 0..8, flip. The crop and flip are one
+    gather per axis.
     """
     import tensorflow as tf
 
     if mode == "none":
         return images
     b = tf.shape(images)[0]
-    padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]])
-    # One draw in [0, 10): mod 5 gives the offsets, mod 2 the flip, all uniform.
-    draw = tf.random.stateless_uniform([b, 3], seed=seed, minval=0, maxval=10, dtype=tf.int32)
-    rows = draw[:, 0:1] % 5 + tf.range(32)
-    cols = draw[:, 1:2] % 5 + tf.range(32)
-    if mode == "madry":
+    pad = 4 if mode == "pad4_flip" else 2
+    offsets = 2 * pad + 1
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    # One draw in [0, 2 * offsets): mod `offsets` gives the offsets, mod 2 the flip, all
+    # uniform (for Madry's 5 offsets the draw is in [0, 10), as before).
+    draw = tf.random.stateless_uniform([b, 3], seed=seed, minval=0, maxval=2 * offsets,
+                                       dtype=tf.int32)
+    rows = draw[:, 0:1] % offsets + tf.range(32)
+    cols = draw[:, 1:2] % offsets + tf.range(32)
+    if mode in ("madry", "pad4_flip"):
         flip = tf.equal(draw[:, 2:3] % 2, 1)
-        cols = tf.where(flip, draw[:, 1:2] % 5 + 31 - tf.range(32), cols)
+        cols = tf.where(flip, draw[:, 1:2] % offsets + 31 - tf.range(32), cols)
     out = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(out, cols, axis=2, batch_dims=1)
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files, shaping
+from madry_ns import attacks, checkpoints, data, files, rna, shaping
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
@@ -36,6 +36,10 @@ class Classifier:
     * shaped: BN+Shaping (`shaping.ShapedInference`): chunks of test images mixed with clean,
       unaugmented training images; 'fresh' references are redrawn on every call (the n-th
       call uses seed (inference_seed, n), so a rerun is identical), 'fixed' ones never change.
+
+    A model with RNA layers classifies on a random path (`rna_inference_path`): 'fresh', a new
+    path for every call, drawn from (inference_seed, n) (the released evaluation: one path per
+    test batch); 'fixed', the one path drawn from (inference_seed, 0), for every call.
     """
 
     def __init__(self, model, config, dataset: data.Dataset):
@@ -45,8 +49,15 @@ class Classifier:
         if config.inference_bn == "shaped":
             self.shaped = make_shaped_inference(model, config, dataset)
             forward = self.shaped.logits
+        elif rna.has_rna(model):
+            on_path = rna.forward_on_path(model, _bn_mode(config))
+            if config.rna_inference_path == "fixed":
+                fixed = tf.constant([config.inference_seed, 0], tf.int64)
+                forward = lambda x, seed: on_path(x, fixed)  # noqa: E731
+            else:
+                forward = on_path
         else:
-            bn_mode = "population" if config.inference_bn == "population" else "batch_frozen"
+            bn_mode = _bn_mode(config)
 
             def forward(x, seed):
                 del seed
@@ -58,6 +69,17 @@ class Classifier:
         seed = tf.constant([self.config.inference_seed, self.calls], tf.int64)
         self.calls += 1
         return self._forward(tf.convert_to_tensor(x, tf.float32), seed)
+
+
+def _bn_mode(config) -> str:
+    """The BN mode of `inference_bn` 'population' or 'batch'."""
+    return "population" if config.inference_bn == "population" else "batch_frozen"
+
+
+def is_madrys_protocol(config) -> bool:
+    """Whether evaluation is Madry's (population BN, deterministic), whose output stays
+    unlabelled, as his; any other inference prints how its numbers were made."""
+    return config.inference_bn == "population" and config.norm_layer == "bn"
 
 
 def make_shaped_inference(model, config, dataset: data.Dataset) -> shaping.ShapedInference:
@@ -81,12 +103,14 @@ def make_eval_attack(model, config, classifier: Classifier):
     It differentiates through the classifier's own forward (`eval_attack_bn: inference`, an
     adaptive attack; for fresh shaped references the attacker uses its own draw, for fixed
     ones the very references of inference) or through population statistics ('population',
-    the norm-shaping paper's protocol, a transfer when inference is not population).
+    the norm-shaping paper's protocol, a transfer when inference is not population). With RNA
+    layers the attack runs through the classifier's forward on its own path: a 'fresh' path
+    drawn for the attacker (the paper's protocol) or the 'fixed' path that classifies.
     """
     params = attacks.config_params(config)
     loss = attacks.LOSSES[params.pop("loss_func")]
-    through_population = (config.eval_attack_bn == "population"
-                          or config.inference_bn == "population")
+    through_population = not rna.has_rna(model) and (
+        config.eval_attack_bn == "population" or config.inference_bn == "population")
 
     def logits_fn(x_adv, batch_index):
         if through_population:
@@ -122,6 +146,8 @@ def describe(config) -> dict:
         short = f"BN+Shaping 1:{r}, {config.inference_references} refs"
     pgd = (f"PGD-{config.num_steps} ({config.loss_func}, eps {config.epsilon:g}, step "
            f"{config.step_size:g}{', random start' if config.random_start else ''})")
+    if config.norm_layer == "rna":
+        return describe_rna(config, pgd)
     if config.inference_bn == "population":
         how = "white-box through PN"
     elif config.eval_attack_bn == "population":
@@ -134,6 +160,25 @@ def describe(config) -> dict:
         how = "adaptive, through BN+Shaping with the attacker's own reference draw"
     return {"inference": inference, "attack": f"{pgd} {how}", "inference_short": short,
             "attack_short": how}
+
+
+def rna_space(config) -> str:
+    """'RNA over bn/in, per-layer paths' and the BN candidate's statistics."""
+    stats = "population" if config.inference_bn == "population" else "test-batch"
+    return (f"RNA over {'/'.join(config.rna_candidates)}, {config.rna_sampling.replace('_', '-')} "
+            f"paths, BN candidate with {stats} statistics")
+
+
+def describe_rna(config, attack: str) -> dict:
+    """`describe` for a model with RNA layers: which paths classify and which are attacked."""
+    space = rna_space(config)
+    if config.rna_inference_path == "fixed":
+        return {"inference": f"{space}: one fixed path (seed {config.inference_seed})",
+                "attack": f"{attack} on the fixed path that classifies (white-box on one path)"}
+    return {"inference": f"{space}: a fresh random path for every classified batch",
+            "attack": (f"{attack} on the attacker's own random path, classified on another "
+                       f"(the paper's protocol, a transfer between paths; fixed-path, EOT and "
+                       f"AutoAttack-EOT numbers: python rna_eval.py)")}
 
 
 def evaluate(model, dataset: data.Dataset, config, on_batch=None) -> dict:
@@ -239,7 +284,7 @@ def evaluate_checkpoint(config, path: str, model, dataset: data.Dataset, out=pri
               "seconds": round(time.perf_counter() - start, 3),
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
     files.atomic_append_line(os.path.join(eval_dir, "metrics.jsonl"), json.dumps(record))
-    if config.inference_bn != "population":  # Madry's output is unchanged otherwise
+    if not is_madrys_protocol(config):  # Madry's output is unchanged otherwise
         out(f"inference: {result['inference']}")
         out(f"attack: {result['attack']}")
     out(f"natural: {nat * 100:.2f}%")

@@ -21,12 +21,17 @@ normalization and the full gradient in one op; it is markedly faster on CPU than
 separate-moments implementation and works under XLA. The moving variance is updated with the
 biased batch variance, as Keras does; TF1's fused path (Madry) used the Bessel-corrected one,
 a factor n/(n-1) that is below 1.0002 at Madry's sizes.
+
+`RandomNorm` is the layer of Random Normalization Aggregation (RNA): several normalization
+candidates (BN, instance, layer and group norm), one active at a time, chosen by a variable.
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from madry_ns.config import rna_candidate_error
 
 BN_MODES = ("population", "batch_update", "batch_frozen")
 
@@ -143,3 +148,109 @@ class BatchNorm(keras.layers.BatchNormalization):
         beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
         m = gamma / tf.sqrt(self.moving_variance + self.epsilon)
         return m, beta - m * self.moving_mean
+
+
+# ---------------------------------------------------------------------------------------
+# Random Normalization Aggregation (Dong et al., NeurIPS 2022; UniSerj/Random-Norm-Aggregation)
+
+RNA_DEFAULT_CANDIDATES = ("bn", "in")
+
+
+class CandidateError(ValueError):
+    """An RNA candidate that cannot normalize the channels it is given."""
+
+
+@keras.saving.register_keras_serializable(package="madry_ns")
+class RandomNorm(keras.layers.Layer):
+    """One normalization layer of RNA: several candidates, one active at a time.
+
+    The released `USNorm` holds one independent module per candidate and runs the selected
+    one. Candidates (names as in `rna_candidates`):
+
+    * ``bn``: `BatchNorm` (PyTorch's BatchNorm2d: momentum 0.1, i.e. Keras 0.9, eps 1e-5),
+      with the three modes of `BatchNorm`;
+    * ``in``: instance norm with per-channel affine, `GroupNormalization` with one channel
+      per group (the released default's 'gnr_1' = `nn.GroupNorm(C, C)`);
+    * ``ln``: layer norm over (H, W, C) with per-channel affine, one group ('gn_1');
+    * ``gn_<g>``: group norm with g groups ('gn_g'; the channels must divide by g).
+
+    Each candidate has its own affine parameters (and, for BN, its own moving statistics).
+    The active candidate is the int32 weight `choice` (non-trainable, checkpointed), so a
+    compiled function reads it at run time: resampling never retraces. `call` dispatches
+    with `tf.switch_case`, so only the active candidate runs and only it updates moving
+    statistics, as only the selected module sees the batch in PyTorch. The gradient of an
+    inactive candidate's parameters is zero (not None): with momentum they keep moving, as
+    in PyTorch 1.x, whose `zero_grad()` left zero gradients (PyTorch >= 2.0 sets them to
+    None and skips those parameters).
+
+    `mode` is `BatchNorm`'s: it reaches the BN candidate; the others always normalize with
+    the statistics of each sample.
+    """
+
+    def __init__(self, candidates=RNA_DEFAULT_CANDIDATES, momentum: float = 0.9,
+                 epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        candidates = tuple(candidates)
+        if not candidates:
+            raise ValueError("RandomNorm needs at least one candidate")
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"RandomNorm candidates repeat: {list(candidates)}")
+        for name in candidates:
+            problem = rna_candidate_error(name)
+            if problem:
+                raise ValueError(problem)
+        self.candidates = candidates
+        self.momentum, self.epsilon = momentum, epsilon
+        self.candidate_attributes = []
+        for name in candidates:
+            # Named attributes, not a list: TF checkpoints track attributes only.
+            attribute = "norm_" + name
+            setattr(self, attribute, self._make_candidate(name, attribute))
+            self.candidate_attributes.append(attribute)
+
+    def _make_candidate(self, name, attribute):
+        if name == "bn":
+            return BatchNorm(momentum=self.momentum, epsilon=self.epsilon, name=attribute)
+        groups = {"in": -1, "ln": 1}.get(name) or int(name[3:])
+        return keras.layers.GroupNormalization(groups=groups, epsilon=self.epsilon,
+                                               name=attribute)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.candidates)
+
+    def candidate(self, index_or_name):
+        """The layer of one candidate, by index or name."""
+        index = (self.candidates.index(index_or_name) if isinstance(index_or_name, str)
+                 else int(index_or_name))
+        return getattr(self, self.candidate_attributes[index])
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        for name in self.candidates:
+            if name.startswith("gn_") and channels % int(name[3:]):
+                raise CandidateError(
+                    f"RNA candidate '{name}' needs the channels to divide by {name[3:]}; layer "
+                    f"'{self.name}' has {channels} channels")
+        self.choice = self.add_weight(shape=(), dtype="int32", initializer="zeros",
+                                      trainable=False, name="choice")
+        for attribute in self.candidate_attributes:
+            getattr(self, attribute).build(input_shape)
+
+    def call(self, inputs, training=None, mode: str | None = None):
+        def branch(index):
+            layer = self.candidate(index)
+            if self.candidates[index] == "bn":
+                return lambda: layer(inputs, training=training, mode=mode)
+            return lambda: layer(inputs)
+
+        if self.num_candidates == 1:
+            return branch(0)()
+        # An index out of range would run the last branch (switch_case's default); the
+        # setters check the range instead of paying for an assert on every call.
+        return tf.switch_case(tf.convert_to_tensor(self.choice),
+                              [branch(i) for i in range(self.num_candidates)])
+
+    def get_config(self):
+        return {**super().get_config(), "candidates": list(self.candidates),
+                "momentum": self.momentum, "epsilon": self.epsilon}

@@ -28,7 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, distribute, files, finetune, shaping
+from madry_ns import attacks, checkpoints, data, distribute, files, finetune, rna, shaping
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -99,7 +99,8 @@ def make_adversary(model, config):
     The attack runs in `train_attack_bn_mode`. `p_clean_logits` (TRADES only) are the clean
     batch's logits in that mode, the KL target of the attack. Under a tf.distribute strategy
     it runs per replica on the local batch; random starts are the replica's rows of a draw for
-    the global batch, so they do not depend on how the batch is split.
+    the global batch, so they do not depend on how the batch is split. With RNA layers the
+    attack and the update run on random paths (`rna.with_random_paths`).
     """
     params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
                   step_size=config.step_size)
@@ -150,7 +151,7 @@ def make_adversary(model, config):
                 x_init=start(x, seed)[k:], unroll=unroll, **params)
         return tf.concat([x[:k], x_att], 0), p_clean
 
-    return adversary
+    return rna.with_random_paths(model, config, adversary)
 
 
 def training_loss(model, config, x, x_train, y):
