@@ -1,0 +1,325 @@
+"""The evaluation suite (madry_ns.evaluate) on a tiny BN convnet trained with shaping.
+
+The model is trained for seconds on scikit-learn's 8x8 digits (0-255 scale) with the paper's
+method (3 clean : 1 attacked, the attack through the mixed batch's statistics), so that PGD
+generated on population statistics transfers badly to BN+Shaping inference while the adaptive
+attack through the shaped forward does not. A second toy model masks its gradient (the input
+is quantized under `stop_gradient`): the sanity checks must flag it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from madry_ns import data, evaluate, shaping
+from madry_ns.errors import ConfigError
+from madry_ns.layers import BatchNorm
+
+FAST = dict(eot_samples=3, cw_steps=30, cw_search_steps=2, deepfool_iters=10, apgd_steps=8,
+            apgd_targets=2, square_queries=30, sanity_restarts=1, sanity_step_factor=2)
+
+
+class TinyBN(keras.Model):
+    """conv-BN-relu twice, then a dense layer; `bn_mode` as madry_ns models."""
+
+    def __init__(self, masked: bool = False):
+        super().__init__()
+        self.masked = masked
+        self.conv1 = keras.layers.Conv2D(16, 3, padding="same")
+        self.bn1 = BatchNorm()
+        self.conv2 = keras.layers.Conv2D(16, 3, strides=2, padding="same")
+        self.bn2 = BatchNorm()
+        self.dense = keras.layers.Dense(10)
+
+    def call(self, x, training=None, bn_mode="population"):
+        x = tf.cast(x, tf.float32)
+        if self.masked:  # quantized input with no gradient: a textbook masked defense
+            x = tf.stop_gradient(tf.round(x / 128.0) * 128.0) + 0.0 * x  # zero gradient
+        h = tf.nn.relu(self.bn1(self.conv1(x / 255.0), mode=bn_mode))
+        h = tf.nn.relu(self.bn2(self.conv2(h), mode=bn_mode))
+        return self.dense(tf.reshape(h, [tf.shape(x)[0], -1]))
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(images))
+    test, train = order[:300], order[300:]
+    return data.Dataset(images[train], d.target[train].astype(np.int64), images[test],
+                        d.target[test].astype(np.int64), [str(i) for i in range(10)], "digits")
+
+
+def _train(dataset, masked=False, steps=300):
+    """The paper's method: batch 64, 48 clean + 16 attacked through the mixed batch."""
+    keras.utils.set_random_seed(0)
+    model = TinyBN(masked)
+    model(tf.zeros([2, 8, 8, 1]), bn_mode="batch_update")
+    opt = keras.optimizers.Adam(3e-3)
+    x_all = tf.constant(dataset.train_images, tf.float32)
+    y_all = tf.constant(dataset.train_labels)
+
+    @tf.function
+    def step(i):
+        idx = tf.random.stateless_uniform([64], [1, i], 0, len(dataset.train_images), tf.int32)
+        x, y = tf.gather(x_all, idx), tf.gather(y_all, idx)
+        if not masked:
+            x_att = shaping.attack_slice(model, x, y, ratio=3, epsilon=32.0, num_steps=3,
+                                         step_size=12.0, bn_mode="batch_frozen",
+                                         seed=tf.stack([2, i]))
+            x = tf.concat([x[:48], x_att], 0)
+        with tf.GradientTape() as tape:
+            logits = model(x, bn_mode="batch_update")
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+
+    for i in range(steps):
+        step(tf.constant(i))
+    return model
+
+
+@pytest.fixture(scope="module")
+def shaped_model(digits):
+    return _train(digits)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    from conftest import make_tiny_config
+
+    return make_tiny_config(tmp_path_factory.mktemp("eval"), epsilon=32.0, num_steps=5,
+                            step_size=8.0, num_eval_examples=60, eval_batch_size=20,
+                            inference_ratio=3)
+
+
+@pytest.fixture(scope="module")
+def result(shaped_model, digits, config):
+    return evaluate.evaluate(shaped_model, digits, config, evaluate.Settings(**FAST),
+                             out=lambda *_: None)
+
+
+def _rows(result):
+    return {row["key"]: row for row in result["rows"]}
+
+
+def test_every_attack_stays_in_its_budget_and_the_pixel_box(result, config):
+    rows = _rows(result)
+    assert set(rows) == set(evaluate.ROW)
+    for key, row in rows.items():
+        for dist in ([row["perturbation"]] if "linf_max" in row["perturbation"]
+                     else row["perturbation"].values()):
+            assert 0.0 <= dist["pixel_min"] and dist["pixel_max"] <= 255.0, key
+            if row["epsilon"] is not None:
+                assert dist["linf_max"] <= row["epsilon"] + 1e-3, key
+    assert rows["fgsm16"]["epsilon"] == 16.0 and rows["cw"]["epsilon"] is None
+
+
+def test_every_attack_lowers_accuracy_where_it_was_generated(result):
+    """Each attack, judged where it knows the forward (PN rows in PN, the shaping attack in
+    BN, adaptive rows in their own column), is below clean accuracy."""
+    rows = _rows(result)
+    for key, row in rows.items():
+        where = {"pn": "pn", "shaping": "bn"}.get(evaluate.ROW[key].generation)
+        for mode, acc in row["accuracy"].items():
+            if where in (None, mode):
+                assert acc < result["clean"][mode], (key, mode)
+
+
+def test_the_suite_repeats_itself_under_its_seeds(result, shaped_model, digits, config):
+    again = evaluate.evaluate(shaped_model, digits, config,
+                              evaluate.Settings(**FAST, attacks=("pgd", "shaping", "adaptive",
+                                                                 "eot"), sanity=False),
+                              out=lambda *_: None)
+    first = _rows(result)
+    for row in again["rows"]:
+        assert row["accuracy"] == first[row["key"]]["accuracy"], row["key"]
+        assert row["perturbation"] == first[row["key"]]["perturbation"], row["key"]
+    assert again["clean"] == result["clean"]
+
+
+def test_adaptive_attacks_on_shaped_inference_beat_the_pn_transfer(result):
+    """The paper's headline protocol (PGD generated on PN, classified BN+Shaping) overstates
+    robustness; the exact adaptive attack and EOT know the defense."""
+    acc = {k: r["accuracy"] for k, r in _rows(result).items()}
+    assert acc["adaptive"]["shaped"] <= acc["pgd"]["shaped"]
+    assert acc["eot"]["shaped"] <= acc["pgd"]["shaped"]
+    assert acc["adaptive_other"]["shaped"] <= acc["pgd"]["shaped"]
+
+
+def test_pn_generated_attacks_transfer_badly_when_population_statistics_are_off(
+        shaped_model, digits, config):
+    """The mechanism behind the paper's 0.816: when the moving statistics do not describe
+    the batches BN+Shaping normalizes with, PGD generated on PN misses, and only the
+    adaptive attack shows the model's real robustness."""
+    model = shaped_model
+    saved = [v.numpy() for bn in (model.bn1, model.bn2)
+             for v in (bn.moving_mean, bn.moving_variance)]
+    try:
+        for bn in (model.bn1, model.bn2):
+            bn.moving_mean.assign(bn.moving_mean + 3.0 * tf.sqrt(bn.moving_variance))
+            bn.moving_variance.assign(bn.moving_variance * 16.0)
+        result = evaluate.evaluate(model, digits, config,
+                                   evaluate.Settings(**FAST, attacks=("pgd", "adaptive"),
+                                                     sanity=False), out=lambda *_: None)
+    finally:
+        for v, value in zip([v for bn in (model.bn1, model.bn2)
+                             for v in (bn.moving_mean, bn.moving_variance)], saved):
+            v.assign(value)
+    acc = {k: r["accuracy"]["shaped"] for k, r in _rows(result).items()}
+    assert acc["pgd"] - acc["adaptive"] > 0.1, acc
+    assert result["clean"]["shaped"] - acc["pgd"] < 0.05  # the transfer barely hurts
+
+
+def test_deepfool_moves_less_than_a_successful_pgd(result):
+    rows = _rows(result)
+    assert rows["deepfool"]["perturbation"]["l2_median"] < rows["pgd"]["perturbation"]["l2_median"]
+    assert rows["deepfool"]["accuracy"]["pn"] < 0.1  # unbounded: it nearly always succeeds
+
+
+def test_worst_case_is_per_image_over_the_bounded_attacks(result, config):
+    for mode, worst in result["worst_case"].items():
+        assert "cw" not in worst["attacks"] and "deepfool" not in worst["attacks"]
+        assert "fgsm16" in worst["attacks"]  # 16 <= this config's eps 32
+        assert worst["per_image"] <= worst["single_min"] + 1e-12
+
+
+def test_sanity_checks_pass_on_an_honest_model(result):
+    checks = result["sanity"]["checks"]
+    assert result["sanity"]["flags"] == [], result["sanity"]["flags"]
+    for mode, entry in checks.items():
+        assert entry["large_epsilon"]["accuracy"]["255"] <= 0.05
+    # PN's clean predictions never depend on the batch; its PGD differs only by the random
+    # starts (drawn per batch), within the noise margin; BN's dependence is reported
+    sizes = checks["pn"]["batch_size"]
+    assert len({v["clean"] for v in sizes["accuracy"].values()}) == 1
+    assert not sizes["flag"] and sizes["spread"] <= checks["pn"]["more_steps"]["noise_margin"]
+    assert not checks["bn"]["batch_size"]["flag"]
+    assert set(checks["pn"]["batch_size"]["accuracy"]) == {"10", "20", "40"}
+
+
+def test_sanity_checks_flag_a_gradient_masked_model(digits, config):
+    masked = _train(digits, masked=True, steps=150)
+    result = evaluate.evaluate(masked, digits, config,
+                               evaluate.Settings(**FAST, attacks=("fgsm", "adaptive"),
+                                                 modes=("pn",)), out=lambda *_: None)
+    check = result["sanity"]["checks"]["pn"]
+    assert check["large_epsilon"]["flag"]
+    assert any("eps 255" in f for f in result["sanity"]["flags"])
+    md = evaluate.markdown(result)
+    assert "**FLAGGED:**" in md and "(FLAG)" in md
+
+
+def test_results_md_has_the_papers_layout_and_says_how_each_number_was_made(result, tmp_path):
+    evaluate.write_results(result, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert table[0] == "| attack | BN | PN | BN+Shaping 1:3 | seconds |"
+    assert table[2].startswith("| clean |")
+    assert table[3].startswith("| FGSM |")
+    assert "worst case per image" in table[3 + len(evaluate.ROW)]
+    assert "generated on PN" in md and "exact adaptive attack" in md
+    assert "No check flagged." in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["clean"] == result["clean"]
+    assert {"eot_samples", "epsilon", "inference_seed"} <= set(saved["settings"])
+    assert all("seconds" in row for row in saved["rows"])
+
+
+def test_rows_without_a_column_show_a_dash(result):
+    md = evaluate.markdown(result)
+    eot = next(line for line in md.splitlines() if line.startswith("| EOT-PGD"))
+    assert eot.split("|")[2].strip() == "-" and eot.split("|")[3].strip() == "-"
+
+
+def test_bad_settings_and_configs_are_clear_errors(config):
+    with pytest.raises(ConfigError, match="--attacks .*expected"):
+        evaluate.Settings(attacks=("pgd", "bogus"))
+    with pytest.raises(ConfigError, match="--modes"):
+        evaluate.Settings(modes=("shaped", "batch"))
+    with pytest.raises(ConfigError, match="eot_samples"):
+        evaluate.Settings(eot_samples=0)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        evaluate.check_modes(config.replace(inference_ratio=7, eval_batch_size=20), MODES_ALL)
+    with pytest.raises(ConfigError, match="rna_eval.py"):
+        evaluate.check_modes(config.replace(norm_layer="rna"), ("pn",))
+
+
+MODES_ALL = evaluate.MODES
+
+
+def test_noise_margin_is_two_standard_errors_plus_one_image():
+    assert evaluate.noise_margin(0.5, 100) == pytest.approx(2 * 0.05 + 0.01)
+    assert evaluate.noise_margin(0.0, 50) == pytest.approx(0.02)
+
+
+def test_ablation_markdown_and_heat_map(tmp_path):
+    grid = {kind: {"1:1": {"0": 0.5, "3": 0.6}, "1:3": {"0": 0.2, "3": 0.8}}
+            for kind in ("clean", "transfer", "adaptive")}
+    result = {"checkpoints": {"1:1": "a", "1:3": "b"}, "ratios": [0, 3], "num_examples": 10,
+              "dataset": "digits", "eval_batch_size": 20, "epsilon": 8.0, "num_steps": 10,
+              "step_size": 2.0, "grid": grid}
+    md = evaluate.ablation_markdown(result, "python -m madry_ns.evaluate ablation ...")
+    assert "| training \\ inference | 1:0 | 1:3 |" in md
+    assert "| 1:3 | 20.00 | 80.00 |" in md
+    assert "PGD generated on PN" in md and "exact adaptive" in md
+    evaluate.ablation_heatmap(result, str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsys):
+    """`python -m madry_ns.evaluate` and its `ablation` on a 4-step narrow-WRN checkpoint."""
+    from madry_ns import training
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config(tmp_path, inference_ratio=1, num_eval_examples=16)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    training.train(cfg, out=lambda *_: None)
+    out = tmp_path / "suite"
+    assert evaluate.main(["--config", str(path), "--attacks", "pgd,adaptive",
+                          "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
+                          "--output", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["step"] == 4 and saved["num_examples"] == 16
+    assert saved["command"].startswith("python -m madry_ns.evaluate --config")
+    assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
+    assert list(saved["columns"]) == ["pn", "shaped"]
+    assert (out / "results.md").read_text().startswith("# Evaluation: ")
+    abl = tmp_path / "abl"
+    assert evaluate.main(["ablation", "--config", str(path), "--checkpoints", cfg.model_dir,
+                          cfg.model_dir, "--labels", "a", "b", "--ratios", "0,1",
+                          "--output", str(abl)]) == 0
+    saved = json.loads((abl / "ablation.json").read_text())
+    assert set(saved["grid"]["adaptive"]["b"]) == {"0", "1"}
+    assert saved["grid"]["clean"]["a"] == saved["grid"]["clean"]["b"]
+    assert (abl / "ablation.png").exists() and (abl / "ablation.md").exists()
+
+
+def test_command_line_errors_exit_2_and_write_nothing(tmp_path, capsys):
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config(tmp_path, inference_ratio=1)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--config", str(path), "--attacks", "pgd,nope", "--output", str(out)])
+    assert e.value.code == 2 and "--attacks pgd,nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--config", str(path), "--output", str(out)])
+    assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["ablation", "--config", str(path), "--checkpoints", "x", "--labels",
+                       "a", "--ratios", "1,-3", "--output", str(out)])
+    assert e.value.code == 2 and "--ratios -3" in capsys.readouterr().err
+    assert not out.exists()
