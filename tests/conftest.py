@@ -12,6 +12,11 @@ import struct
 
 # Before anything imports TensorFlow: keep its C++ banner out of the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per test worker (and the scripts it starts): with one worker per
+    # core, TensorFlow's per-process pools would otherwise oversubscribe the cores and spin.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

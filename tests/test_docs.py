@@ -39,3 +39,15 @@ def test_root_config_is_madry_plus_every_default():
                                                   recursive=True)))
 def test_every_shipped_config_loads(path):
     config.load(path)
+
+
+def test_local_links_in_the_readme_and_docs_point_to_files():
+    pages = [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md"))
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target))
+            assert os.path.exists(path), f"{os.path.relpath(page, ROOT)} links to {target}"

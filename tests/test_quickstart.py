@@ -42,7 +42,9 @@ def test_quickstart_trains_then_prints_clean_and_pgd_accuracy(tmp_path):
     natural = re.search(r"^natural: (\d+\.\d\d)%$", eval_out, re.M)
     adversarial = re.search(r"^adversarial: (\d+\.\d\d)%$", eval_out, re.M)
     assert natural and adversarial
-    assert 0.0 <= float(adversarial.group(1)) <= float(natural.group(1)) <= 100.0
+    # 20 steps leave the model near chance, where PGD may even help: only the format and
+    # the range are checked here (the README records the full quickstart's numbers)
+    assert all(0.0 <= float(m.group(1)) <= 100.0 for m in (natural, adversarial))
     assert re.search(r"^avg nat loss: \d+\.\d{4}$", eval_out, re.M)
     assert re.search(r"^avg adv loss: \d+\.\d{4}$", eval_out, re.M)
     with open(os.path.join(model_dir, "eval", "metrics.jsonl")) as f:
