@@ -134,3 +134,9 @@ def write_pickle():
 def tiny_config():
     """`tiny_config(tmp_path, **overrides)` -> Config."""
     return make_tiny_config
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow (end-to-end) tests first: with one worker per core, the minutes-long ones then
+    overlap the many short ones instead of leaving one worker busy at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -8,6 +8,7 @@ from madry_ns import benchmark
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_quick_benchmark_reports_every_measurement_and_target(tmp_path):
     out = tmp_path / "report.json"
     assert benchmark.main(["--quick", "--json", str(out)]) == 0

@@ -89,6 +89,8 @@ def test_two_replicas_with_synchronized_bn_train_like_one_device(tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-7, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.extended
 def test_mirrored_training_resumes_bit_identically(tmp_path):
     common = dict(num_checkpoint_steps=2, shaping_ratio=3, distribution="mirrored")
     straight, _ = _run(tmp_path, "straight", logical_cpus=2, max_num_training_steps=4,

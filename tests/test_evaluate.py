@@ -97,7 +97,7 @@ def config(tmp_path_factory):
     from conftest import make_tiny_config
 
     return make_tiny_config(tmp_path_factory.mktemp("eval"), epsilon=32.0, num_steps=5,
-                            step_size=8.0, num_eval_examples=60, eval_batch_size=20,
+                            step_size=8.0, num_eval_examples=40, eval_batch_size=20,
                             inference_ratio=3)
 
 
@@ -281,7 +281,7 @@ def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsy
     from madry_ns import training
     from conftest import make_tiny_config
 
-    cfg = make_tiny_config(tmp_path, inference_ratio=1, num_eval_examples=16)
+    cfg = make_tiny_config(tmp_path, inference_ratio=1, num_eval_examples=8)
     path = tmp_path / "config.json"
     path.write_text(cfg.to_json())
     training.train(cfg, out=lambda *_: None)
@@ -290,7 +290,7 @@ def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsy
                           "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
                           "--output", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["step"] == 4 and saved["num_examples"] == 16
+    assert saved["step"] == 4 and saved["num_examples"] == 8
     assert saved["command"].startswith("python -m madry_ns.evaluate --config")
     assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
     assert list(saved["columns"]) == ["pn", "shaped"]

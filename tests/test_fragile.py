@@ -490,6 +490,7 @@ def test_a_config_in_the_wrong_row_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_runner_trains_evaluates_and_writes_the_table_and_analysis(tmp_path):
     os.makedirs(tmp_path / "configs")
     for key in ("normal", "adv", "bn_stats", "bn_params"):

@@ -40,7 +40,8 @@ def test_mixed_precision_computes_low_keeps_float32_state_and_matches_float32(tm
     assert tf.keras.config.dtype_policy().name == "float32"
 
 
-@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", ["mixed_float16", pytest.param(
+    "mixed_bfloat16", marks=[pytest.mark.slow, pytest.mark.extended])])
 def test_mixed_precision_trains_counts_every_step_and_resumes(tmp_path, precision):
     config = _config(tmp_path, precision)
     final = training.train(config, out=lambda *a: None)

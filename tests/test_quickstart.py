@@ -26,7 +26,8 @@ def _run(args, cwd):
 @pytest.mark.slow
 def test_quickstart_trains_then_prints_clean_and_pgd_accuracy(tmp_path):
     model_dir = str(tmp_path / "quickstart")
-    overrides = ["--set", "max_num_training_steps=20", "--set", f"model_dir={model_dir}"]
+    overrides = ["--set", "max_num_training_steps=20", "--set", f"model_dir={model_dir}",
+                 "--set", "num_eval_examples=100"]
     train_out = _run([os.path.join(ROOT, "train.py"), "--config", QUICKSTART] + overrides,
                      tmp_path)
     steps = [int(m.group(1)) for m in re.finditer(r"^Step (\d+):    \(", train_out, re.M)]
@@ -49,7 +50,7 @@ def test_quickstart_trains_then_prints_clean_and_pgd_accuracy(tmp_path):
     assert re.search(r"^avg adv loss: \d+\.\d{4}$", eval_out, re.M)
     with open(os.path.join(model_dir, "eval", "metrics.jsonl")) as f:
         record = json.loads(f.readline())
-    assert record["step"] == 20 and record["num_examples"] == 300
+    assert record["step"] == 20 and record["num_examples"] == 100
     assert f"{record['natural_accuracy'] * 100:.2f}" == natural.group(1)
 
 

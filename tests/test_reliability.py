@@ -111,7 +111,9 @@ def reference_12(tmp_path_factory):
     return _uninterrupted(tmp_path_factory, 12, 4)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=[pytest.mark.slow,
+                                                                    pytest.mark.extended])])
 def test_signal_saves_the_current_step_exits_cleanly_and_resume_matches(tmp_path, sig,
                                                                         reference_12):
     config = _config(tmp_path, max_num_training_steps=12, num_checkpoint_steps=4)
@@ -136,10 +138,11 @@ def test_signal_saves_the_current_step_exits_cleanly_and_resume_matches(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("num_kills", [4, pytest.param(10, marks=pytest.mark.extended)])
 def test_kill_9_at_random_moments_never_loses_more_than_the_current_step(
-        tmp_path, tmp_path_factory):
-    """SIGKILL at ten random moments (checkpointing every step, so some kills land inside a
-    save); after each the latest checkpoint loads, and the resumed run ends bit-identical to
+        tmp_path, tmp_path_factory, num_kills):
+    """SIGKILL at `num_kills` random moments (CI: 4; `-m extended`: 10), checkpointing every
+    step, so some kills land inside a save; after each the latest checkpoint loads, and the resumed run ends bit-identical to
     an uninterrupted one: no step trained twice or skipped."""
     steps = 14
     reference = _uninterrupted(tmp_path_factory, steps, 1)
@@ -150,7 +153,7 @@ def test_kill_9_at_random_moments_never_loses_more_than_the_current_step(
     while True:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        if kills < 10:
+        if kills < num_kills:
             # Wait for the first report, then kill a random fraction of a second later.
             for line in proc.stdout:
                 if line.startswith("Step"):

@@ -728,6 +728,7 @@ def test_rna_eval_script_refuses_an_unknown_protocol_without_a_traceback(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_digits_config_trains_and_rna_eval_reports_the_protocols(tmp_path):
     sets = ["--set", f"model_dir={tmp_path / 'model'}", "--set", "max_num_training_steps=4",
             "--set", "model_width=2", "--set", "num_eval_examples=20",
