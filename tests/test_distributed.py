@@ -164,6 +164,7 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_killing_a_worker_fails_the_run_cleanly_and_restarting_resumes(tmp_path):
     procs = _workers(tmp_path, "kill", steps=40, timeout=20, num_checkpoint_steps=2)
     chief = procs[0]

@@ -97,7 +97,7 @@ def config(tmp_path_factory):
     from conftest import make_tiny_config
 
     return make_tiny_config(tmp_path_factory.mktemp("eval"), epsilon=32.0, num_steps=5,
-                            step_size=8.0, num_eval_examples=40, eval_batch_size=20,
+                            step_size=8.0, num_eval_examples=60, eval_batch_size=20,
                             inference_ratio=3)
 
 
@@ -275,9 +275,8 @@ def test_ablation_markdown_and_heat_map(tmp_path):
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsys):
-    """`python -m madry_ns.evaluate` and its `ablation` on a 4-step narrow-WRN checkpoint."""
+def _trained_checkpoint(tmp_path):
+    """A 4-step narrow-WRN checkpoint of the tiny config and its config file."""
     from madry_ns import training
     from conftest import make_tiny_config
 
@@ -285,6 +284,13 @@ def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsy
     path = tmp_path / "config.json"
     path.write_text(cfg.to_json())
     training.train(cfg, out=lambda *_: None)
+    return cfg, path
+
+
+@pytest.mark.slow
+def test_command_line_table_on_a_trained_checkpoint(tmp_path):
+    """`python -m madry_ns.evaluate` on a 4-step narrow-WRN checkpoint."""
+    cfg, path = _trained_checkpoint(tmp_path)
     out = tmp_path / "suite"
     assert evaluate.main(["--config", str(path), "--attacks", "pgd,adaptive",
                           "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
@@ -295,6 +301,13 @@ def test_command_line_table_and_ablation_on_a_trained_checkpoint(tmp_path, capsy
     assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
     assert list(saved["columns"]) == ["pn", "shaped"]
     assert (out / "results.md").read_text().startswith("# Evaluation: ")
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_command_line_ablation_on_a_trained_checkpoint(tmp_path):
+    """`python -m madry_ns.evaluate ablation` on the same checkpoint under two labels."""
+    cfg, path = _trained_checkpoint(tmp_path)
     abl = tmp_path / "abl"
     assert evaluate.main(["ablation", "--config", str(path), "--checkpoints", cfg.model_dir,
                           cfg.model_dir, "--labels", "a", "b", "--ratios", "0,1",

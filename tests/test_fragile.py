@@ -312,8 +312,8 @@ def test_reset_bn_stats_resets_only_the_statistics(tmp_path):
 
 @pytest.mark.parametrize("regime", [
     "bn_stats",  # the step counter advances without an optimizer update
-    pytest.param("bn_affine", marks=pytest.mark.slow),
-    pytest.param("bn+logits+conv1", marks=pytest.mark.slow)])
+    pytest.param("bn_affine", marks=[pytest.mark.slow, pytest.mark.extended]),
+    pytest.param("bn+logits+conv1", marks=[pytest.mark.slow, pytest.mark.extended])])
 def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_result(tmp_path, regime):
     _, normal_path = _normal_run(tmp_path)
 

@@ -24,6 +24,7 @@ def _run(args, cwd):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_quickstart_trains_then_prints_clean_and_pgd_accuracy(tmp_path):
     model_dir = str(tmp_path / "quickstart")
     overrides = ["--set", "max_num_training_steps=20", "--set", f"model_dir={model_dir}",
