@@ -456,7 +456,8 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print)
 # Sanity checks against gradient masking
 
 
-def _pgd_accuracy(suite: Suite, batches, mode: str, **params) -> float:
+def _pgd_accuracy(suite: Suite, batches, mode: str, **params) -> np.ndarray:
+    """Per image: classified correctly by `mode` after the config's PGD through it."""
     fn = suite.pgd_through(mode, **params)
     tf = suite.tf
     hits = []
@@ -553,7 +554,8 @@ def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mo
         y = np.concatenate([y for _, y in batches])
         clean = np.concatenate([other.classify(mode, x, i) for i, (x, _) in enumerate(batches)])
         adv = _pgd_accuracy(other, batches, mode)
-        per_size[str(size)] = {"clean": float((clean == y).mean()), "adaptive_pgd": float(adv.mean())}
+        per_size[str(size)] = {"clean": float((clean == y).mean()),
+                               "adaptive_pgd": float(adv.mean())}
     values = [v["adaptive_pgd"] for v in per_size.values()]
     return {"accuracy": per_size, "spread": max(values) - min(values)}
 

@@ -142,8 +142,8 @@ def test_signal_saves_the_current_step_exits_cleanly_and_resume_matches(tmp_path
 def test_kill_9_at_random_moments_never_loses_more_than_the_current_step(
         tmp_path, tmp_path_factory, num_kills):
     """SIGKILL at `num_kills` random moments (CI: 3; `-m extended`: 10), checkpointing every
-    step, so some kills land inside a save; after each the latest checkpoint loads, and the resumed run ends bit-identical to
-    an uninterrupted one: no step trained twice or skipped."""
+    step, so some kills land inside a save; after each the latest checkpoint loads, and the
+    resumed run ends bit-identical to an uninterrupted one: no step trained twice or skipped."""
     steps = 14
     reference = _uninterrupted(tmp_path_factory, steps, 1)
     config = _config(tmp_path, max_num_training_steps=steps, num_checkpoint_steps=1)
