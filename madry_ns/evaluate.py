@@ -205,7 +205,7 @@ class Suite:
     def __init__(self, model, config, dataset, settings: Settings):
         import tensorflow as tf
 
-        from madry_ns import attacks, autoattack, evaluation, shaping
+        from madry_ns import attacks, autoattack, evaluation
 
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
         self.shaped = None
@@ -230,7 +230,7 @@ class Suite:
         self.forward = forward
         self._classify = {m: tf.function(forward(m)) for m in settings.modes}
         self._compiled: dict = {}
-        self.attacks, self.autoattack, self.shaping = attacks, autoattack, shaping
+        self.attacks, self.autoattack = attacks, autoattack
 
     def classify(self, mode: str, x, i: int):
         """Predicted labels of x (batch i) under a column."""
@@ -525,7 +525,8 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
             if flag:
                 flags.append(f"{name}: the transfer attack '{best}' ({100 * transfers[best]:.2f}"
                              f"%) is stronger than adaptive PGD ({100 * base_acc:.2f}%)")
-        entry["batch_size"] = _batch_size_dependence(suite, dataset, config, settings, m)
+        entry["batch_size"] = _batch_size_dependence(suite, dataset, config, settings, m,
+                                                     clean=result["clean"][m], adaptive=base_acc)
         spread = entry["batch_size"]["spread"]
         entry["batch_size"]["flag"] = m == "pn" and spread > margin
         if entry["batch_size"]["flag"]:
@@ -537,9 +538,11 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
     return {"checks": checks, "flags": flags}
 
 
-def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mode: str):
+def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mode: str, *,
+                           clean: float, adaptive: float):
     """Clean and adaptive-PGD accuracy at several evaluation batch sizes (a fresh Suite for
-    each, since the shaped split depends on the batch)."""
+    each, since the shaped split depends on the batch); `clean` and `adaptive` are the
+    numbers already measured at the evaluation batch size."""
     b = config.eval_batch_size
     step = config.inference_ratio + 1 if mode == "shaped" and \
         config.inference_mixing == "per_batch" else 1
@@ -547,14 +550,16 @@ def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mo
                     if s >= step and s % step == 0 and s <= max(config.num_eval_examples, b)})
     per_size = {}
     for size in sizes:
+        if size == b:
+            per_size[str(size)] = {"clean": clean, "adaptive_pgd": adaptive}
+            continue
         sized = config.replace(eval_batch_size=size)
-        other = suite if size == b else Suite(suite.model, sized, dataset,
-                                              dataclasses.replace(settings, modes=(mode,)))
+        other = Suite(suite.model, sized, dataset, dataclasses.replace(settings, modes=(mode,)))
         batches = _batches(dataset, sized)
         y = np.concatenate([y for _, y in batches])
-        clean = np.concatenate([other.classify(mode, x, i) for i, (x, _) in enumerate(batches)])
+        labels = np.concatenate([other.classify(mode, x, i) for i, (x, _) in enumerate(batches)])
         adv = _pgd_accuracy(other, batches, mode)
-        per_size[str(size)] = {"clean": float((clean == y).mean()),
+        per_size[str(size)] = {"clean": float((labels == y).mean()),
                                "adaptive_pgd": float(adv.mean())}
     values = [v["adaptive_pgd"] for v in per_size.values()]
     return {"accuracy": per_size, "spread": max(values) - min(values)}
@@ -709,22 +714,24 @@ def ablation(config, paths: list, labels: list, ratios=ABLATION_RATIOS, out=prin
         _, model = _load(config, path)
         for g in grid.values():
             g[label] = {}
-        pn_suite = None
+        pn_examples = None  # generated on PN: the same for every inference ratio
         for r in ratios:
             start = time.perf_counter()
             c = config.replace(inference_bn="shaped", inference_ratio=r,
                                inference_mixing="per_batch")
             settings = Settings(attacks=("pgd", "adaptive"), modes=("shaped",), sanity=False)
             suite = Suite(model, c, dataset, settings)
-            pn_suite = pn_suite or suite  # the PN-generated examples do not depend on r
             batches = _batches(dataset, c)
             y = np.concatenate([b[1] for b in batches])
             tf = suite.tf
+            if pn_examples is None:
+                generate = suite.generator("pgd", None)
+                pn_examples = [generate(tf.constant(x), tf.constant(yb, tf.int64),
+                                        tf.constant(i, tf.int64)).numpy()
+                               for i, (x, yb) in enumerate(batches)]
             clean, transfer = [], []
-            for i, (x, yb) in enumerate(batches):
+            for i, ((x, _), adv) in enumerate(zip(batches, pn_examples)):
                 clean.append(suite.classify("shaped", x, i))
-                adv = pn_suite.generator("pgd", None)(tf.constant(x), tf.constant(yb, tf.int64),
-                                                      tf.constant(i, tf.int64))
                 transfer.append(suite.classify("shaped", adv, i))
             grid["clean"][label][str(r)] = float((np.concatenate(clean) == y).mean())
             grid["transfer"][label][str(r)] = float((np.concatenate(transfer) == y).mean())
