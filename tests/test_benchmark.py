@@ -15,7 +15,7 @@ def test_quick_benchmark_reports_every_measurement_and_target(tmp_path):
     report = json.loads(out.read_text())
     kinds = {r["kind"] for r in report["results"]}
     assert kinds == {"train_step", "eval_pgd", "shaped", "pipeline"}
-    assert report["peak"]["gflops"] > 0
+    assert report["peak"]["gflops"] > 0 and report["peak_end"]["gflops"] > 0
     assert report["environment"]["tensorflow"].startswith("2.")
     ours = next(r for r in report["results"] if r["name"] == "eval PGD-10 ours")
     assert ours["identical_to_cleverhans"]
