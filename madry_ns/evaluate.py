@@ -361,9 +361,13 @@ def _batches(dataset, config):
                                   config.num_eval_examples, config.eval_batch_size))
 
 
-def evaluate(model, dataset, config, settings: Settings = Settings(), out=print) -> dict:
+def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
+             on_row: Callable[[dict], None] | None = None) -> dict:
     """Run the suite on the first `num_eval_examples` test images in batches of
-    `eval_batch_size`; returns the `results.json` content (without checkpoint details)."""
+    `eval_batch_size`; returns the `results.json` content (without checkpoint details).
+
+    `on_row`, if given, receives the results so far after each attack (marked `incomplete`,
+    with the attacks still to run), so an evaluation stopped after hours keeps its rows."""
     from madry_ns.progress import Progress
 
     check_modes(config, settings.modes)
@@ -379,9 +383,13 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print)
         return np.concatenate([suite.classify(mode, x, i) for i, x in enumerate(x_list)]) == y_all
 
     clean = {m: classify_all([x for x, _ in batches], m) for m in modes}
+
+    def summary():
+        return _summary(config, settings, dataset, modes, n, clean, correct, rows)
+
     out(f"clean: " + "  ".join(f"{column_short(config, m)} {100 * clean[m].mean():.2f}%"
                                for m in modes))
-    for key in settings.attacks:
+    for position, key in enumerate(settings.attacks):
         row = ROW[key]
         cols = [m for m in modes if m in row.modes]
         if not cols:
@@ -418,7 +426,24 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print)
                      else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
         out(f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%"
                                    for m, v in cells.items()) + f"   ({seconds:.1f} s)")
+        if on_row is not None:
+            on_row({**summary(), "incomplete": {
+                "pending_attacks": list(settings.attacks[position + 1:]),
+                "sanity_pending": settings.sanity}})
 
+    result = summary()
+    if settings.sanity:
+        if on_row is not None:
+            on_row({**result, "incomplete": {"pending_attacks": [], "sanity_pending": True}})
+        result["sanity"] = sanity_checks(suite, dataset, config, settings, result, correct,
+                                         out=out)
+    result["seconds"] = round(time.perf_counter() - total_start, 2)
+    return result
+
+
+def _worst_case(config, settings: Settings, modes, clean: dict, correct: dict) -> dict:
+    """Per column: an image counts as robust only if it is right clean and under every L-inf
+    attack within the config's epsilon that has run."""
     worst = {}
     for m in modes:
         within = [k for k in settings.attacks if (k, m) in correct and
@@ -431,11 +456,15 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print)
         worst[m] = {"per_image": float(robust.mean()), "attacks": within,
                     "weakest_single_attack": min(single, key=single.get) if single else None,
                     "single_min": min(single.values()) if single else None}
-    result = {
+    return worst
+
+
+def _summary(config, settings: Settings, dataset, modes, n, clean, correct, rows) -> dict:
+    return {
         "num_examples": n, "model": config.model, "dataset": dataset.source,
         "columns": {m: column_label(config, m) for m in modes},
         "clean": {m: float(clean[m].mean()) for m in modes},
-        "rows": rows, "worst_case": worst,
+        "rows": list(rows), "worst_case": _worst_case(config, settings, modes, clean, correct),
         "settings": {**dataclasses.asdict(settings), "epsilon": config.epsilon,
                      "num_steps": config.num_steps, "step_size": config.step_size,
                      "random_start": config.random_start, "loss_func": config.loss_func,
@@ -445,11 +474,6 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print)
                      "inference_seed": config.inference_seed,
                      "np_random_seed": config.np_random_seed},
     }
-    if settings.sanity:
-        result["sanity"] = sanity_checks(suite, dataset, config, settings, result, correct,
-                                         out=out)
-    result["seconds"] = round(time.perf_counter() - total_start, 2)
-    return result
 
 
 # ------------------------------------------------------------------------------------------
@@ -581,6 +605,11 @@ def markdown(result: dict) -> str:
     if "checkpoint" in result:
         lines += [f"Step {result['step']}, first {result['num_examples']} test images of "
                   f"{result['dataset']}, made by `{result['command']}` on {result['time']}.", ""]
+    if "incomplete" in result:
+        todo = result["incomplete"]["pending_attacks"] + (
+            ["the sanity checks"] if result["incomplete"]["sanity_pending"] else [])
+        lines += [f"**Incomplete**: the evaluation is still running or was stopped; still to "
+                  f"run: {', '.join(todo)}. The worst case covers only the rows below.", ""]
     lines += ["Accuracy (%) of each attack's examples under each inference mode (columns).",
               "", "| attack | " + " | ".join(short[m] for m in modes) + " | seconds |",
               "|---|" + "---|" * (len(modes) + 1),
@@ -683,9 +712,11 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     output = output or os.path.join(config.model_dir, "eval", f"suite-{step}")
     out(f"checkpoint {path} (step {step}), first {config.num_eval_examples} test images of "
         f"{dataset.source}")
-    result = {"checkpoint": path, "step": step, "command": command,
-              "time": datetime.datetime.now().isoformat(timespec="seconds"),
-              **evaluate(model, dataset, config, settings, out=out)}
+    header = {"checkpoint": path, "step": step, "command": command,
+              "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    result = {**header, **evaluate(model, dataset, config, settings, out=out,
+                                   on_row=lambda partial: write_results({**header, **partial},
+                                                                        output))}
     write_results(result, output)
     out(markdown(result))
     out(f"wrote {output}/results.md and results.json")

@@ -234,6 +234,34 @@ def test_results_md_has_the_papers_layout_and_says_how_each_number_was_made(resu
     assert all("seconds" in row for row in saved["rows"])
 
 
+def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digits, config,
+                                                             tmp_path, monkeypatch):
+    """Hours of attacks are not lost to a kill: results are rewritten after each attack,
+    marked incomplete with what is still to run."""
+    settings = evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "mim"), "sanity": False})
+    original = evaluate.Suite.generator
+
+    def generator(self, key, mode):
+        if key == "pgd":
+            raise KeyboardInterrupt  # as a Ctrl-C in the middle of the second attack
+        return original(self, key, mode)
+
+    monkeypatch.setattr(evaluate.Suite, "generator", generator)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None,
+                          on_row=lambda partial: evaluate.write_results(partial, str(tmp_path)))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["key"] for row in saved["rows"]] == ["fgsm"]
+    assert saved["incomplete"] == {"pending_attacks": ["pgd", "mim"], "sanity_pending": False}
+    assert saved["worst_case"]["pn"]["attacks"] == ["fgsm"]
+    md = (tmp_path / "results.md").read_text()
+    assert "**Incomplete**" in md and "still to run: pgd, mim." in md
+
+
+def test_a_finished_evaluation_is_not_marked_incomplete(result):
+    assert "incomplete" not in result and "Incomplete" not in evaluate.markdown(result)
+
+
 def test_rows_without_a_column_show_a_dash(result):
     md = evaluate.markdown(result)
     eot = next(line for line in md.splitlines() if line.startswith("| EOT-PGD"))

@@ -5,7 +5,10 @@
 # each evaluated by the evaluation suite on the first 200 held-out digits under BN, PN and BN+Shaping
 # 1:9 inference. Attack budgets are cut to fit two CPU cores (CW 5 x 100 steps, APGD 20 steps
 # with 3 targets, Square 300 queries, EOT over 5 draws; sanity: 3x steps, 2 starts); the rest are
-# the suite's defaults.
+# the suite's defaults. Cost on 2026-11-30, with this 2-core host throttled to a 57 GFLOP/s matmul
+# peak (about 1/7 of its usual): 17.5 min to train the first model, 17 min for its first nine
+# suite rows (CW alone 8 min); EOT, AutoAttack on the 10x-wide shaped forward and the sanity checks
+# cost more. The suite rewrites results.md after every attack, so a stopped run keeps its rows.
 # Run from the repository root: bash docs/experiments/shaping_digits.sh
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
