@@ -426,10 +426,10 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
                      else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
         out(f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%"
                                    for m, v in cells.items()) + f"   ({seconds:.1f} s)")
-        if on_row is not None:
-            on_row({**summary(), "incomplete": {
-                "pending_attacks": list(settings.attacks[position + 1:]),
-                "sanity_pending": settings.sanity}})
+        pending = list(settings.attacks[position + 1:])
+        if on_row is not None and pending:
+            on_row({**summary(), "incomplete": {"pending_attacks": pending,
+                                                "sanity_pending": settings.sanity}})
 
     result = summary()
     if settings.sanity:
