@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces docs/shaping_digits.md and docs/evaluation_digits.md: Madry PGD, shaping PGD, TRADES
+# Trains the four models of docs/shaping_digits.md (its table came from this script at commit
+# 75447d4) and makes docs/evaluation_digits.md: Madry PGD, shaping PGD, TRADES
 # and shaping TRADES trained on the offline digits data with the same budget and seed
 # (configs/quickstart.json: narrow WRN, 200 steps of batch 64, eps 32 of 255, PGD-7 step 8),
 # each evaluated by the evaluation suite on the first 200 held-out digits under BN, PN and BN+Shaping
