@@ -362,12 +362,16 @@ def _batches(dataset, config):
 
 
 def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
-             on_row: Callable[[dict], None] | None = None) -> dict:
+             on_row: Callable[[dict, dict], None] | None = None,
+             previous: dict | None = None) -> dict:
     """Run the suite on the first `num_eval_examples` test images in batches of
     `eval_batch_size`; returns the `results.json` content (without checkpoint details).
 
-    `on_row`, if given, receives the results so far after each attack (marked `incomplete`,
-    with the attacks still to run), so an evaluation stopped after hours keeps its rows."""
+    `on_row`, if given, receives the results so far and the per-image arrays (`per_image`)
+    after each attack (marked `incomplete`, with the attacks still to run) and once at the
+    end, so an evaluation stopped after hours keeps its rows. `previous` (from
+    `load_previous`) holds rows of an earlier run with the same settings: those attacks are
+    not run again, after checking that the clean predictions are the same image by image."""
     from madry_ns.progress import Progress
 
     check_modes(config, settings.modes)
@@ -383,9 +387,13 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
         return np.concatenate([suite.classify(mode, x, i) for i, x in enumerate(x_list)]) == y_all
 
     clean = {m: classify_all([x for x, _ in batches], m) for m in modes}
+    reused = _check_previous(previous, y_all, clean) if previous else {}
 
     def summary():
         return _summary(config, settings, dataset, modes, n, clean, correct, rows)
+
+    def arrays():
+        return per_image(y_all, clean, correct)
 
     out(f"clean: " + "  ".join(f"{column_short(config, m)} {100 * clean[m].mean():.2f}%"
                                for m in modes))
@@ -393,6 +401,12 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
         row = ROW[key]
         cols = [m for m in modes if m in row.modes]
         if not cols:
+            continue
+        if key in reused and all((key, m) in previous["correct"] for m in cols):
+            rows.append(reused[key])
+            correct.update({(key, m): previous["correct"][(key, m)] for m in cols})
+            out(f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%" for m, v in
+                                       reused[key]["accuracy"].items()) + "   (from --resume)")
             continue
         start = time.perf_counter()
         bar = Progress(len(batches) * (len(cols) if row.generation == "own" else 1), key)
@@ -410,8 +424,15 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
                 x_adv.append(adv.numpy())
                 bar.update()
             d = np.concatenate([a - x for a, (x, _) in zip(x_adv, batches)]).reshape(n, -1)
+            l2 = np.sqrt((d ** 2).sum(1))
+            # CW returns the clean image where it found nothing: the median over all images
+            # would then read 0, so the perturbed images are counted apart.
+            moved = l2 > 0
             distances.append({"linf_max": float(np.abs(d).max()),
-                              "l2_median": float(np.median(np.sqrt((d ** 2).sum(1)))),
+                              "l2_median": float(np.median(l2)),
+                              "perturbed": float(moved.mean()),
+                              "l2_median_perturbed": float(np.median(l2[moved]))
+                              if moved.any() else None,
                               "pixel_min": float(min(a.min() for a in x_adv)),
                               "pixel_max": float(max(a.max() for a in x_adv))})
             for m in (cols if gen is None else [gen]):
@@ -429,16 +450,101 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
         pending = list(settings.attacks[position + 1:])
         if on_row is not None and pending:
             on_row({**summary(), "incomplete": {"pending_attacks": pending,
-                                                "sanity_pending": settings.sanity}})
+                                                "sanity_pending": settings.sanity}}, arrays())
 
     result = summary()
+    if reused:
+        result["resumed_rows"] = [r["key"] for r in rows if r["key"] in reused]
     if settings.sanity:
-        if on_row is not None:
-            on_row({**result, "incomplete": {"pending_attacks": [], "sanity_pending": True}})
-        result["sanity"] = sanity_checks(suite, dataset, config, settings, result, correct,
-                                         out=out)
+        if previous and previous.get("sanity") and not reused.keys() ^ {
+                r["key"] for r in rows}:
+            result["sanity"] = previous["sanity"]  # made from these very rows
+            out("sanity checks: from --resume")
+        else:
+            if on_row is not None:
+                on_row({**result, "incomplete": {"pending_attacks": [],
+                                                 "sanity_pending": True}}, arrays())
+            result["sanity"] = sanity_checks(suite, dataset, config, settings, result,
+                                             correct, out=out)
     result["seconds"] = round(time.perf_counter() - total_start, 2)
+    if on_row is not None:
+        on_row(result, arrays())
     return result
+
+
+def per_image(labels, clean: dict, correct: dict) -> dict:
+    """The per-image outcomes as flat arrays for `per_image.npz`: `labels`, `clean__MODE`
+    and `ROW__MODE` (True where the image is classified correctly)."""
+    arrays = {"labels": np.asarray(labels, np.int64)}
+    arrays.update({f"clean__{m}": np.asarray(v, bool) for m, v in clean.items()})
+    arrays.update({f"{k}__{m}": np.asarray(v, bool) for (k, m), v in correct.items()})
+    return arrays
+
+
+# The settings that must match for --resume to reuse a row (the attack list and the sanity
+# switch may change: rows are reused by key, and the sanity checks rerun unless identical).
+_RESUME_IGNORED = ("attacks", "sanity")
+
+
+def load_previous(output_dir: str, expected: dict) -> dict | None:
+    """Rows of an earlier run in `output_dir` (results.json and per_image.npz) for --resume,
+    or None when there is none. `expected` holds this run's `checkpoint`, `num_examples`,
+    `dataset`, `model`, `columns` and `settings`; any difference is a ConfigError naming it,
+    since reusing rows made under other settings would mix two experiments in one table."""
+    expected = json.loads(json.dumps(expected))  # tuples as lists, as results.json has them
+    path = os.path.join(output_dir, "results.json")
+    arrays_path = os.path.join(output_dir, "per_image.npz")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read {path}: {e}") from None
+    if not os.path.exists(arrays_path):
+        raise ConfigError(f"--resume: {path} has no per_image.npz beside it (written by an "
+                          f"older version), so its rows cannot enter the per-image worst "
+                          f"case; use another --output or drop --resume")
+    for key in ("checkpoint", "num_examples", "dataset", "model", "columns"):
+        if saved.get(key) != expected[key]:
+            raise ConfigError(f"--resume: {path} has {key} {saved.get(key)!r}, this run "
+                              f"{expected[key]!r}; use another --output or drop --resume")
+    for key, value in expected["settings"].items():
+        if key not in _RESUME_IGNORED and saved.get("settings", {}).get(key) != value:
+            raise ConfigError(f"--resume: {path} was made with {key} "
+                              f"{saved.get('settings', {}).get(key)!r}, this run {value!r}; "
+                              f"use another --output or drop --resume")
+    try:
+        with np.load(arrays_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read {arrays_path}: {e}") from None
+    correct = {}
+    for name, value in arrays.items():
+        if "__" in name and not name.startswith("clean__"):
+            key, mode = name.split("__", 1)
+            correct[(key, mode)] = value
+    rows = {r["key"]: r for r in saved.get("rows", [])
+            if all((r["key"], m) in correct for m in r["accuracy"])}
+    return {"rows": rows, "correct": correct, "labels": arrays.get("labels"),
+            "clean": {k.split("__", 1)[1]: v for k, v in arrays.items()
+                      if k.startswith("clean__")},
+            "sanity": None if "incomplete" in saved else saved.get("sanity"),
+            "path": path}
+
+
+def _check_previous(previous: dict, labels, clean: dict) -> dict:
+    """The reusable rows of `previous`, after checking that this run sees the same images
+    and classifies them the same way (else the model, data or code changed)."""
+    if previous["labels"] is None or not np.array_equal(previous["labels"], labels):
+        raise ConfigError(f"--resume: the labels in {previous['path']}'s per_image.npz are not "
+                          f"those of this run's test images; drop --resume")
+    for m, v in clean.items():
+        if m not in previous["clean"] or not np.array_equal(previous["clean"][m], v):
+            raise ConfigError(f"--resume: the clean predictions under {m} differ from those "
+                              f"in {previous['path']}: the model, data or code changed; "
+                              f"drop --resume")
+    return previous["rows"]
 
 
 def _worst_case(config, settings: Settings, modes, clean: dict, correct: dict) -> dict:
@@ -461,10 +567,17 @@ def _worst_case(config, settings: Settings, modes, clean: dict, correct: dict) -
 
 def _summary(config, settings: Settings, dataset, modes, n, clean, correct, rows) -> dict:
     return {
-        "num_examples": n, "model": config.model, "dataset": dataset.source,
-        "columns": {m: column_label(config, m) for m in modes},
+        **_identity(config, settings, dataset, n),
         "clean": {m: float(clean[m].mean()) for m in modes},
         "rows": list(rows), "worst_case": _worst_case(config, settings, modes, clean, correct),
+    }
+
+
+def _identity(config, settings: Settings, dataset, n: int) -> dict:
+    """What makes two evaluations the same experiment (compared by --resume)."""
+    return {
+        "num_examples": n, "model": config.model, "dataset": dataset.source,
+        "columns": {m: column_label(config, m) for m in settings.modes},
         "settings": {**dataclasses.asdict(settings), "epsilon": config.epsilon,
                      "num_steps": config.num_steps, "step_size": config.step_size,
                      "random_start": config.random_start, "loss_func": config.loss_func,
@@ -605,6 +718,10 @@ def markdown(result: dict) -> str:
     if "checkpoint" in result:
         lines += [f"Step {result['step']}, first {result['num_examples']} test images of "
                   f"{result['dataset']}, made by `{result['command']}` on {result['time']}.", ""]
+    if result.get("resumed_rows"):
+        lines += [f"Rows carried over from an earlier, stopped run of the same checkpoint and "
+                  f"settings (`--resume`, clean predictions checked image by image): "
+                  f"{', '.join(result['resumed_rows'])}.", ""]
     if "incomplete" in result:
         todo = result["incomplete"]["pending_attacks"] + (
             ["the sanity checks"] if result["incomplete"]["sanity_pending"] else [])
@@ -626,8 +743,12 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         p = row["perturbation"]
         dist = p if "linf_max" in p else next(iter(p.values()))
+        size = f"median L2 {dist['l2_median']:.2f}"
+        if dist.get("perturbed", 1.0) < 1.0:  # CW leaves images it could not attack clean
+            size = (f"{100 * dist['perturbed']:.1f}% of the images perturbed, median L2 of "
+                    f"those {dist['l2_median_perturbed'] or 0:.2f}")
         lines.append(f"* **{row['attack']}**: {row['generation']}. Largest L-inf "
-                     f"{dist['linf_max']:.2f}, median L2 {dist['l2_median']:.2f} (0-255 scale).")
+                     f"{dist['linf_max']:.2f}, {size} (0-255 scale).")
     lines += ["", "The worst case counts an image as robust only if it is classified correctly "
               "clean and under every L-inf attack of the column within the config's epsilon "
               f"({result['settings']['epsilon']:g}); CW-L2 and DeepFool (unbounded L2) and FGSM "
@@ -678,11 +799,15 @@ def _sanity_markdown(result: dict, short: dict) -> list:
     return lines
 
 
-def write_results(result: dict, output_dir: str) -> None:
-    """results.json and results.md, each written atomically."""
+def write_results(result: dict, output_dir: str, arrays: dict | None = None) -> None:
+    """results.json and results.md (and per_image.npz when `arrays` are given, first, so
+    that every row in results.json has its per-image outcomes), each written atomically."""
     from madry_ns import files
 
     os.makedirs(output_dir, exist_ok=True)
+    if arrays is not None:
+        with files.atomic_open(os.path.join(output_dir, "per_image.npz"), "wb") as f:
+            np.savez(f, **arrays)
     files.atomic_write_text(os.path.join(output_dir, "results.json"),
                             json.dumps(result, indent=2) + "\n")
     files.atomic_write_text(os.path.join(output_dir, "results.md"), markdown(result))
@@ -701,8 +826,10 @@ def _load(config, path: str | None):
 
 
 def run(config, settings: Settings, checkpoint: str | None = None,
-        output: str | None = None, command: str = "", out=print) -> dict:
-    """Evaluate a checkpoint (default: the latest in model_dir) and write the results."""
+        output: str | None = None, command: str = "", out=print,
+        resume: bool = False) -> dict:
+    """Evaluate a checkpoint (default: the latest in model_dir) and write the results;
+    with `resume`, rows already in `output` (same checkpoint and settings) are kept."""
     from madry_ns import checkpoints, data
 
     check_modes(config, settings.modes)
@@ -710,14 +837,20 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     path, model = _load(config, checkpoint)
     step = checkpoints.checkpoint_step(path)
     output = output or os.path.join(config.model_dir, "eval", f"suite-{step}")
+    previous = None
+    if resume:
+        n = sum(len(y) for _, y in _batches(dataset, config))
+        previous = load_previous(output, {**_identity(config, settings, dataset, n),
+                                          "checkpoint": path})
+        out(f"--resume: {len(previous['rows'])} rows from {previous['path']}" if previous
+            else f"--resume: nothing in {output} yet, starting afresh")
     out(f"checkpoint {path} (step {step}), first {config.num_eval_examples} test images of "
         f"{dataset.source}")
     header = {"checkpoint": path, "step": step, "command": command,
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    result = {**header, **evaluate(model, dataset, config, settings, out=out,
-                                   on_row=lambda partial: write_results({**header, **partial},
-                                                                        output))}
-    write_results(result, output)
+    result = {**header, **evaluate(
+        model, dataset, config, settings, out=out, previous=previous,
+        on_row=lambda partial, arrays: write_results({**header, **partial}, output, arrays))}
     out(markdown(result))
     out(f"wrote {output}/results.md and results.json")
     return result
@@ -884,6 +1017,9 @@ def main(argv=None) -> int:
             parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
         parser.add_argument("--no_sanity", action="store_true",
                             help="skip the gradient-masking checks")
+        parser.add_argument("--resume", action="store_true",
+                            help="keep the rows already in --output (same checkpoint and "
+                                 "settings) and run only the rest")
     args = parser.parse_args(argv[1:] if ablation_mode else argv)
     from madry_ns.cli import import_tensorflow_quietly, report_user_errors
 
@@ -911,7 +1047,7 @@ def main(argv=None) -> int:
                             sanity=not args.no_sanity)
         check_modes(config, settings.modes)
         import_tensorflow_quietly()
-        run(config, settings, args.checkpoint, args.output, command)
+        run(config, settings, args.checkpoint, args.output, command, resume=args.resume)
 
     report_user_errors(go, [])
     return 0

@@ -249,13 +249,97 @@ def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digi
     monkeypatch.setattr(evaluate.Suite, "generator", generator)
     with pytest.raises(KeyboardInterrupt):
         evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None,
-                          on_row=lambda partial: evaluate.write_results(partial, str(tmp_path)))
+                          on_row=lambda partial, arrays: evaluate.write_results(
+                              partial, str(tmp_path), arrays))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [row["key"] for row in saved["rows"]] == ["fgsm"]
     assert saved["incomplete"] == {"pending_attacks": ["pgd", "mim"], "sanity_pending": False}
     assert saved["worst_case"]["pn"]["attacks"] == ["fgsm"]
     md = (tmp_path / "results.md").read_text()
     assert "**Incomplete**" in md and "still to run: pgd, mim." in md
+    with np.load(tmp_path / "per_image.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["clean__bn", "clean__pn", "clean__shaped", "fgsm__bn",
+                                   "fgsm__pn", "fgsm__shaped", "labels"]
+        assert z["fgsm__pn"].mean() == saved["rows"][0]["accuracy"]["pn"]
+        assert z["clean__bn"].mean() == saved["clean"]["bn"]
+
+
+def _interrupted_then_resumed(model, digits, config, tmp_path, monkeypatch, stop_at):
+    """Run fgsm, pgd, shaping, adaptive with sanity into tmp_path, stopped (Ctrl-C) when
+    `stop_at` starts; then resume with the same settings. Returns (resumed result, keys the
+    resumed run generated)."""
+    settings = evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "shaping", "adaptive"),
+                                    "modes": ("pn", "shaped")})
+    original = evaluate.Suite.generator
+    generated = []
+
+    def stopping(self, key, mode):
+        if key == stop_at:
+            raise KeyboardInterrupt
+        return original(self, key, mode)
+
+    def counting(self, key, mode):
+        generated.append(key)
+        return original(self, key, mode)
+
+    def write(partial, arrays):
+        evaluate.write_results(partial, str(tmp_path), arrays)
+
+    monkeypatch.setattr(evaluate.Suite, "generator", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(model, digits, config, settings, out=lambda *_: None, on_row=write)
+    monkeypatch.setattr(evaluate.Suite, "generator", counting)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    previous = evaluate.load_previous(str(tmp_path), {
+        **{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
+        "checkpoint": None, "settings": saved["settings"]})
+    resumed = evaluate.evaluate(model, digits, config, settings, out=lambda *_: None,
+                                on_row=write, previous=previous)
+    return resumed, generated
+
+
+def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
+        shaped_model, digits, config, tmp_path, monkeypatch):
+    """A stopped evaluation resumed with --resume ends with the very table (every row,
+    the per-image worst case and the sanity checks) of a run that was never stopped."""
+    resumed, generated = _interrupted_then_resumed(shaped_model, digits, config, tmp_path,
+                                                   monkeypatch, stop_at="shaping")
+    assert set(generated) == {"shaping", "adaptive"}  # fgsm and pgd were carried over
+    assert resumed["resumed_rows"] == ["fgsm", "pgd"] and "incomplete" not in resumed
+    straight = evaluate.evaluate(
+        shaped_model, digits, config,
+        evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "shaping", "adaptive"),
+                             "modes": ("pn", "shaped")}), out=lambda *_: None)
+    for part in ("clean", "worst_case", "sanity"):
+        assert resumed[part] == straight[part], part
+    assert [(r["key"], r["accuracy"]) for r in resumed["rows"]] == \
+        [(r["key"], r["accuracy"]) for r in straight["rows"]]
+    md = (tmp_path / "results.md").read_text()
+    assert "carried over from an earlier, stopped run" in md and "Incomplete" not in md
+
+
+def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits, config,
+                                                           tmp_path, monkeypatch):
+    _interrupted_then_resumed(shaped_model, digits, config, tmp_path, monkeypatch,
+                              stop_at="adaptive")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    same = {**{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
+            "checkpoint": None, "settings": saved["settings"]}
+    with pytest.raises(ConfigError, match="made with eot_samples 3, this run 7"):
+        evaluate.load_previous(str(tmp_path), {**same, "settings": {**same["settings"],
+                                                                    "eot_samples": 7}})
+    with pytest.raises(ConfigError, match="has num_examples 60, this run 40"):
+        evaluate.load_previous(str(tmp_path), {**same, "num_examples": 40})
+    assert evaluate.load_previous(str(tmp_path / "nothing"), same) is None
+    previous = evaluate.load_previous(str(tmp_path), same)
+    previous["clean"]["pn"] = ~previous["clean"]["pn"]  # as if the checkpoint had changed
+    with pytest.raises(ConfigError, match="clean predictions under pn differ"):
+        evaluate.evaluate(shaped_model, digits, config,
+                          evaluate.Settings(**{**FAST, "modes": ("pn", "shaped")}),
+                          out=lambda *_: None, previous=previous)
+    (tmp_path / "per_image.npz").unlink()
+    with pytest.raises(ConfigError, match="no per_image.npz"):
+        evaluate.load_previous(str(tmp_path), same)
 
 
 def test_a_finished_evaluation_is_not_marked_incomplete(result):
@@ -329,6 +413,12 @@ def test_command_line_table_on_a_trained_checkpoint(tmp_path):
     assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
     assert list(saved["columns"]) == ["pn", "shaped"]
     assert (out / "results.md").read_text().startswith("# Evaluation: ")
+    # --resume on a finished output reruns nothing and keeps the table
+    assert evaluate.main(["--config", str(path), "--attacks", "pgd,adaptive",
+                          "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
+                          "--output", str(out), "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["resumed_rows"] == ["pgd", "adaptive"] and again["rows"] == saved["rows"]
 
 
 @pytest.mark.slow
