@@ -264,52 +264,52 @@ def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digi
         assert z["clean__bn"].mean() == saved["clean"]["bn"]
 
 
-def _interrupted_then_resumed(model, digits, config, tmp_path, monkeypatch, stop_at):
-    """Run fgsm, pgd, shaping, adaptive with sanity into tmp_path, stopped (Ctrl-C) when
-    `stop_at` starts; then resume with the same settings. Returns (resumed result, keys the
-    resumed run generated)."""
-    settings = evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "shaping", "adaptive"),
-                                    "modes": ("pn", "shaped")})
+RESUME_SETTINGS = dict(attacks=("fgsm", "pgd", "shaping", "adaptive"), modes=("pn", "shaped"))
+
+
+def _interrupt(model, digits, config, tmp_path, monkeypatch, stop_at):
+    """Run fgsm, pgd, shaping, adaptive (and the sanity checks) into tmp_path, stopped as by
+    a Ctrl-C when `stop_at` starts; returns what --resume would load."""
+    settings = evaluate.Settings(**{**FAST, **RESUME_SETTINGS})
     original = evaluate.Suite.generator
-    generated = []
 
     def stopping(self, key, mode):
         if key == stop_at:
             raise KeyboardInterrupt
         return original(self, key, mode)
 
-    def counting(self, key, mode):
-        generated.append(key)
-        return original(self, key, mode)
-
-    def write(partial, arrays):
-        evaluate.write_results(partial, str(tmp_path), arrays)
-
     monkeypatch.setattr(evaluate.Suite, "generator", stopping)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate(model, digits, config, settings, out=lambda *_: None, on_row=write)
-    monkeypatch.setattr(evaluate.Suite, "generator", counting)
+        evaluate.evaluate(model, digits, config, settings, out=lambda *_: None,
+                          on_row=lambda partial, arrays: evaluate.write_results(
+                              partial, str(tmp_path), arrays))
+    monkeypatch.setattr(evaluate.Suite, "generator", original)
     saved = json.loads((tmp_path / "results.json").read_text())
-    previous = evaluate.load_previous(str(tmp_path), {
-        **{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
-        "checkpoint": None, "settings": saved["settings"]})
-    resumed = evaluate.evaluate(model, digits, config, settings, out=lambda *_: None,
-                                on_row=write, previous=previous)
-    return resumed, generated
+    return {**{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
+            "checkpoint": None, "settings": saved["settings"]}
 
 
 def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
         shaped_model, digits, config, tmp_path, monkeypatch):
     """A stopped evaluation resumed with --resume ends with the very table (every row,
     the per-image worst case and the sanity checks) of a run that was never stopped."""
-    resumed, generated = _interrupted_then_resumed(shaped_model, digits, config, tmp_path,
-                                                   monkeypatch, stop_at="shaping")
+    expected = _interrupt(shaped_model, digits, config, tmp_path, monkeypatch, "shaping")
+    original, generated = evaluate.Suite.generator, []
+
+    def counting(self, key, mode):
+        generated.append(key)
+        return original(self, key, mode)
+
+    monkeypatch.setattr(evaluate.Suite, "generator", counting)
+    settings = evaluate.Settings(**{**FAST, **RESUME_SETTINGS})
+    resumed = evaluate.evaluate(
+        shaped_model, digits, config, settings, out=lambda *_: None,
+        previous=evaluate.load_previous(str(tmp_path), expected),
+        on_row=lambda partial, arrays: evaluate.write_results(partial, str(tmp_path), arrays))
     assert set(generated) == {"shaping", "adaptive"}  # fgsm and pgd were carried over
     assert resumed["resumed_rows"] == ["fgsm", "pgd"] and "incomplete" not in resumed
-    straight = evaluate.evaluate(
-        shaped_model, digits, config,
-        evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "shaping", "adaptive"),
-                             "modes": ("pn", "shaped")}), out=lambda *_: None)
+    monkeypatch.setattr(evaluate.Suite, "generator", original)
+    straight = evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None)
     for part in ("clean", "worst_case", "sanity"):
         assert resumed[part] == straight[part], part
     assert [(r["key"], r["accuracy"]) for r in resumed["rows"]] == \
@@ -320,11 +320,7 @@ def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
 
 def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits, config,
                                                            tmp_path, monkeypatch):
-    _interrupted_then_resumed(shaped_model, digits, config, tmp_path, monkeypatch,
-                              stop_at="adaptive")
-    saved = json.loads((tmp_path / "results.json").read_text())
-    same = {**{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
-            "checkpoint": None, "settings": saved["settings"]}
+    same = _interrupt(shaped_model, digits, config, tmp_path, monkeypatch, "pgd")
     with pytest.raises(ConfigError, match="made with eot_samples 3, this run 7"):
         evaluate.load_previous(str(tmp_path), {**same, "settings": {**same["settings"],
                                                                     "eot_samples": 7}})
@@ -335,7 +331,7 @@ def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits
     previous["clean"]["pn"] = ~previous["clean"]["pn"]  # as if the checkpoint had changed
     with pytest.raises(ConfigError, match="clean predictions under pn differ"):
         evaluate.evaluate(shaped_model, digits, config,
-                          evaluate.Settings(**{**FAST, "modes": ("pn", "shaped")}),
+                          evaluate.Settings(**{**FAST, **RESUME_SETTINGS}),
                           out=lambda *_: None, previous=previous)
     (tmp_path / "per_image.npz").unlink()
     with pytest.raises(ConfigError, match="no per_image.npz"):
