@@ -234,23 +234,15 @@ def test_results_md_has_the_papers_layout_and_says_how_each_number_was_made(resu
     assert all("seconds" in row for row in saved["rows"])
 
 
+RESUME_SETTINGS = dict(attacks=("fgsm", "pgd", "shaping", "adaptive"), modes=("pn", "shaped"))
+
+
 def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digits, config,
                                                              tmp_path, monkeypatch):
     """Hours of attacks are not lost to a kill: results are rewritten after each attack,
     marked incomplete with what is still to run."""
-    settings = evaluate.Settings(**{**FAST, "attacks": ("fgsm", "pgd", "mim"), "sanity": False})
-    original = evaluate.Suite.generator
-
-    def generator(self, key, mode):
-        if key == "pgd":
-            raise KeyboardInterrupt  # as a Ctrl-C in the middle of the second attack
-        return original(self, key, mode)
-
-    monkeypatch.setattr(evaluate.Suite, "generator", generator)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None,
-                          on_row=lambda partial, arrays: evaluate.write_results(
-                              partial, str(tmp_path), arrays))
+    _interrupt(shaped_model, digits, config, tmp_path, monkeypatch, "pgd",
+               dict(attacks=("fgsm", "pgd", "mim"), sanity=False))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [row["key"] for row in saved["rows"]] == ["fgsm"]
     assert saved["incomplete"] == {"pending_attacks": ["pgd", "mim"], "sanity_pending": False}
@@ -264,13 +256,10 @@ def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digi
         assert z["clean__bn"].mean() == saved["clean"]["bn"]
 
 
-RESUME_SETTINGS = dict(attacks=("fgsm", "pgd", "shaping", "adaptive"), modes=("pn", "shaped"))
-
-
-def _interrupt(model, digits, config, tmp_path, monkeypatch, stop_at):
-    """Run fgsm, pgd, shaping, adaptive (and the sanity checks) into tmp_path, stopped as by
-    a Ctrl-C when `stop_at` starts; returns what --resume would load."""
-    settings = evaluate.Settings(**{**FAST, **RESUME_SETTINGS})
+def _interrupt(model, digits, config, tmp_path, monkeypatch, stop_at, chosen=RESUME_SETTINGS):
+    """Run the `chosen` settings' attacks into tmp_path, stopped as by a Ctrl-C when
+    `stop_at` starts (as in the middle of a long run); returns what --resume would load."""
+    settings = evaluate.Settings(**{**FAST, **chosen})
     original = evaluate.Suite.generator
 
     def stopping(self, key, mode):
