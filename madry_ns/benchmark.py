@@ -41,15 +41,16 @@ TARGETS = {
 
 
 def _timeit(fn, reps: int, warmup: int = 1) -> dict:
-    for _ in range(warmup):
-        fn()
+    """Median, min and max over `reps` calls after `warmup` calls; `first_s` is the first
+    call's time (tracing and graph optimization included), so the one-time cost shows."""
     times = []
-    for _ in range(reps):
+    for _ in range(warmup + reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "reps": reps}
+    timed = times[warmup:]
+    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed),
+            "reps": reps, "warmup": warmup, "first_s": times[0]}
 
 
 def forward_flops(model) -> float:
@@ -89,7 +90,7 @@ def _config(model: str, width: int, batch: int, method: str):
 
 
 def measure_train_step(model_name: str, width: int, batch: int, method: str, reps: int,
-                       peak_gflops: float) -> dict:
+                       peak_gflops: float, warmup: int = 1) -> dict:
     import tensorflow as tf
 
     from madry_ns import training
@@ -106,7 +107,7 @@ def measure_train_step(model_name: str, width: int, batch: int, method: str, rep
     y = tf.constant(rng.integers(0, 10, batch).astype(np.int64))
     counter = iter(range(10 ** 9))
     timing = _timeit(lambda: float(step(x, y, tf.constant(next(counter), tf.int64))
-                                   ["total_loss"]), reps)
+                                   ["total_loss"]), reps, warmup)
     flops = forward_flops(model) * STEP_FORWARDS[method] * batch
     gflops = flops / timing["median_s"] / 1e9
     return {"name": f"train {method} {model_name} w{width} b{batch}", "kind": "train_step",
@@ -276,25 +277,43 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(quick: bool = False, reps: int = 5, wide: bool = True, progress=print) -> dict:
-    """Every measurement; `quick` shrinks it to a smoke run."""
+def run(quick: bool = False, reps: int = 5, wide: bool = True, only_wrn: bool = False,
+        progress=print) -> dict:
+    """Every measurement; `quick` shrinks it to a smoke run; `only_wrn` measures Madry's WRN
+    alone (width 1 and 10, batch 64), to add the wide rows to a `wide=False` record."""
     reps = 1 if quick else reps
     peak = measure_peak(reps, n=1024 if quick else 4096)
     progress(f"peak: {peak['gflops']:.0f} GFLOP/s (fp32 matmul {peak['size']}^2)")
     rows = []
-    models = [("resnet20", 1), ("madry_wrn", 1)] + ([("madry_wrn", 10)] if wide and not quick
-                                                    else [])
-    batches = [64] if quick else [64, 128]
+    models = ([] if only_wrn else [("resnet20", 1)]) + [("madry_wrn", 1)] + (
+        [("madry_wrn", 10)] if (wide or only_wrn) and not quick else [])
+    batches = [64] if quick or only_wrn else [64, 128]
     methods = ["natural", "madry"] if quick else ["natural", "madry", "shaping", "trades"]
     for model_name, width in models:
         for batch in batches:
             if width == 10 and batch == 128:
                 continue  # minutes per step on a CPU; batch 64 carries the comparison
             for method in methods:
+                # WRN-34-10: one timed step and no separate warm-up, since a step takes
+                # minutes; its first call includes tracing, whose size the width-1 rows'
+                # first_s - median_s shows (the same graph, narrower).
                 r = measure_train_step(model_name, width, batch, method,
-                                       1 if width == 10 else reps, peak["gflops"])
+                                       1 if width == 10 else reps, peak["gflops"],
+                                       warmup=0 if width == 10 else 1)
                 rows.append(r)
                 progress(_row_text(r))
+    if not only_wrn:
+        _measure_the_rest(rows, quick, reps, peak, progress)
+    # A shared host's speed drifts: the peak again at the end shows how far (the fractions
+    # above use the first measurement).
+    peak_end = measure_peak(reps, n=peak["size"])
+    progress(f"peak at the end: {peak_end['gflops']:.0f} GFLOP/s")
+    return {"environment": environment(), "peak": peak, "peak_end": peak_end,
+            "results": rows, "targets": targets(rows)}
+
+
+def _measure_the_rest(rows: list, quick: bool, reps: int, peak: dict, progress) -> None:
+    """Evaluation PGD against CleverHans, shaped inference and the input pipeline."""
     for r in measure_eval_pgd(reps, peak["gflops"], batch=20 if quick else 100):
         rows.append(r)
         progress(_row_text(r))
@@ -307,12 +326,6 @@ def run(quick: bool = False, reps: int = 5, wide: bool = True, progress=print) -
     r = measure_pipeline(128, 5 if quick else 50, reps)
     rows.append(r)
     progress(_row_text(r))
-    # A shared host's speed drifts: the peak again at the end shows how far (the fractions
-    # above use the first measurement).
-    peak_end = measure_peak(reps, n=peak["size"])
-    progress(f"peak at the end: {peak_end['gflops']:.0f} GFLOP/s")
-    return {"environment": environment(), "peak": peak, "peak_end": peak_end,
-            "results": rows, "targets": targets(rows)}
 
 
 def _row_text(r: dict) -> str:
@@ -335,7 +348,8 @@ def table(report: dict) -> str:
     for r in report["results"]:
         gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
         pf = f"{100 * r['peak_fraction']:.1f}" if "peak_fraction" in r else ""
-        lines.append(f"| {r['name']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
+        name = r["name"] + (" (one step, tracing included)" if r.get("warmup") == 0 else "")
+        lines.append(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
                      f"| {r['images_per_s']:.1f} | {gf} | {pf} |")
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     for t in report["targets"]:
@@ -353,11 +367,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--no-wide", action="store_true",
                         help="skip Madry's WRN-34-10 (about a minute per step on a CPU)")
+    parser.add_argument("--only-wrn", action="store_true",
+                        help="only Madry's WRN at width 1 and 10, batch 64 (the wide rows a "
+                             "--no-wide record lacks)")
     args = parser.parse_args(argv)
+    if args.only_wrn and (args.no_wide or args.quick):
+        parser.error("--only-wrn measures the wide WRN: it excludes --no-wide and --quick")
     from madry_ns import cli, files
 
     cli.import_tensorflow_quietly()
-    report = run(quick=args.quick, reps=args.reps, wide=not args.no_wide)
+    report = run(quick=args.quick, reps=args.reps, wide=not args.no_wide,
+                 only_wrn=args.only_wrn)
     text = table(report)
     print(text)
     if args.json:

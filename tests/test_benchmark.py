@@ -32,3 +32,36 @@ def test_flop_count_matches_the_architecture():
     # ResNet-20: about 81 MFLOP per image (perf.md); Madry's WRN-34-10: 13.26 GFLOP.
     assert 80e6 < benchmark.forward_flops(ResNet20(1).build_for_input()) < 83e6
     assert 13.2e9 < benchmark.forward_flops(MadryWRN(10).build_for_input()) < 13.35e9
+
+
+def test_timing_skips_the_warm_up_and_keeps_the_first_call(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["t"])
+    durations = iter([5.0, 1.0, 3.0, 2.0, 7.0])
+
+    def call():  # each call "takes" the next duration on the fake clock
+        clock["t"] += next(durations)
+
+    assert benchmark._timeit(call, reps=3, warmup=1) == {
+        "median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "reps": 3, "warmup": 1, "first_s": 5.0}
+    cold = benchmark._timeit(call, reps=1, warmup=0)
+    assert cold["median_s"] == cold["first_s"] == 7.0 and cold["warmup"] == 0
+
+
+def test_only_wrn_excludes_the_options_that_drop_the_wide_model(capsys):
+    for other in ("--no-wide", "--quick"):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(["--only-wrn", other])
+        assert e.value.code == 2 and "--only-wrn" in capsys.readouterr().err
+
+
+def test_the_table_says_which_rows_include_tracing():
+    row = {"name": "train madry madry_wrn w10 b64", "median_s": 60.0, "min_s": 60.0,
+           "max_s": 60.0, "images_per_s": 1.0, "warmup": 0}
+    report = {"environment": {"cpu": "cpu", "cores": 2, "tensorflow": "2.21", "date": "d"},
+              "peak": {"size": 4096, "gflops": 400.0}, "peak_end": {"gflops": 400.0},
+              "results": [row, {**row, "name": "train madry madry_wrn w1 b64", "warmup": 1}],
+              "targets": []}
+    text = benchmark.table(report)
+    assert "| train madry madry_wrn w10 b64 (one step, tracing included) |" in text
+    assert "| train madry madry_wrn w1 b64 |" in text
