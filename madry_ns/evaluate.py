@@ -180,9 +180,10 @@ def row_label(config, settings: Settings, key: str) -> str:
                           f"(the paper's 'slightly weaker' adaptive attack)",
         "eot": f"EOT-{pgd} through BN+Shaping, each gradient averaged over "
                f"{settings.eot_samples} reference draws",
-        "autoattack": f"APGD-CE, APGD-T ({settings.apgd_targets} targets), Square "
-                      f"({settings.square_queries} queries), {settings.apgd_steps} steps, eps "
-                      f"{eps:g}, through the column's own forward on fixed batches (per image "
+        "autoattack": f"APGD-CE and APGD-T ({settings.apgd_steps} steps each; "
+                      f"{settings.apgd_targets} target class"
+                      f"{'es' if settings.apgd_targets > 1 else ''}), Square "
+                      f"({settings.square_queries} queries), eps {eps:g}, through the column's own forward on fixed batches (per image "
                       f"worst case; no FAB-T)",
     }
     return labels[key]
