@@ -22,8 +22,9 @@ def test_quick_benchmark_reports_every_measurement_and_target(tmp_path):
     for r in report["results"]:
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
     assert {t["target"] for t in report["targets"]} >= {
-        "train_step_peak_fraction", "eval_pgd_speedup_vs_cleverhans",
-        "pipeline_vs_training_consumption"}
+        "train_step_peak_fraction", "train_step_fraction_of_fastest_kernel",
+        "eval_pgd_speedup_vs_cleverhans", "pipeline_vs_training_consumption"}
+    assert report["conv"]["gflops"] > 0
 
 
 def test_flop_count_matches_the_architecture():
@@ -65,3 +66,21 @@ def test_the_table_says_which_rows_include_tracing():
     text = benchmark.table(report)
     assert "| train madry madry_wrn w10 b64 (one step, tracing included) |" in text
     assert "| train madry madry_wrn w1 b64 |" in text
+
+
+def test_the_step_is_also_judged_against_the_faster_roof():
+    """On a host whose matmul is slow, the fraction of the matmul peak overstates; the
+    second target divides by the faster of the two roofs."""
+    row = {"name": "train madry resnet20 w1 b64", "kind": "train_step", "method": "madry",
+           "gflops": 60.0, "peak_fraction": 0.75, "images_per_s": 16.0, "median_s": 4.0}
+    by = {t["target"]: t for t in benchmark.targets([row], roof=150.0)}
+    assert by["train_step_peak_fraction"]["value"] == 0.75
+    assert by["train_step_peak_fraction"]["met"]
+    assert by["train_step_fraction_of_fastest_kernel"]["value"] == pytest.approx(0.4)
+    assert not by["train_step_fraction_of_fastest_kernel"]["met"]
+
+
+def test_roofs_alone(capsys):
+    assert benchmark.main(["--roofs", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 matmul 4096^2:" in out and "3x3 convolution [64, 8, 8, 640]" in out
