@@ -183,8 +183,8 @@ def row_label(config, settings: Settings, key: str) -> str:
         "autoattack": f"APGD-CE and APGD-T ({settings.apgd_steps} steps each; "
                       f"{settings.apgd_targets} target class"
                       f"{'es' if settings.apgd_targets > 1 else ''}), Square "
-                      f"({settings.square_queries} queries), eps {eps:g}, through the column's own forward on fixed batches (per image "
-                      f"worst case; no FAB-T)",
+                      f"({settings.square_queries} queries), eps {eps:g}, through the "
+                      f"column's own forward on fixed batches (per image worst case; no FAB-T)",
     }
     return labels[key]
 
