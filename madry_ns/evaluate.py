@@ -403,11 +403,10 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
         cols = [m for m in modes if m in row.modes]
         if not cols:
             continue
-        if key in reused and all((key, m) in previous["correct"] for m in cols):
+        if key in reused:  # load_previous kept only rows with every column's outcomes
             rows.append(reused[key])
             correct.update({(key, m): previous["correct"][(key, m)] for m in cols})
-            out(f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%" for m, v in
-                                       reused[key]["accuracy"].items()) + "   (from --resume)")
+            out(_row_line(config, key, reused[key]["accuracy"], "from --resume"))
             continue
         start = time.perf_counter()
         bar = Progress(len(batches) * (len(cols) if row.generation == "own" else 1), key)
@@ -446,8 +445,7 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
                      "epsilon": row_epsilon(config, settings, key),
                      "accuracy": cells, "perturbation": distances[0] if len(distances) == 1
                      else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
-        out(f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%"
-                                   for m, v in cells.items()) + f"   ({seconds:.1f} s)")
+        out(_row_line(config, key, cells, f"{seconds:.1f} s"))
         pending = list(settings.attacks[position + 1:])
         if on_row is not None and pending:
             on_row({**summary(), "incomplete": {"pending_attacks": pending,
@@ -471,6 +469,12 @@ def evaluate(model, dataset, config, settings: Settings = Settings(), out=print,
     if on_row is not None:
         on_row(result, arrays())
     return result
+
+
+def _row_line(config, key: str, cells: dict, note: str) -> str:
+    """The console line of one finished (or carried-over) row."""
+    return f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%"
+                                  for m, v in cells.items()) + f"   ({note})"
 
 
 def per_image(labels, clean: dict, correct: dict) -> dict:
