@@ -2,6 +2,7 @@
 
     python -m madry_ns.evaluate --config CONFIG [--checkpoint PATH] [--attacks ...] [--modes ...]
     python -m madry_ns.evaluate ablation --config CONFIG --checkpoints A B ... --labels ...
+    python -m madry_ns.evaluate compare OUTPUT_DIR_A OUTPUT_DIR_B [--names A B]
 
 A robustness number for a defense that depends on batch statistics is only as good as the
 strongest attack that knows how the defense works. The first command lays out the paper's
@@ -27,6 +28,10 @@ size), each flagged when it fails. Everything is seeded: a rerun repeats itself.
 The second command is the paper's Table IV: checkpoints (one per training ratio) under the
 inference ratios 1:0 ... 1:49, with PGD generated on PN (the paper's protocol) beside the
 exact adaptive PGD through the shaped forward, as Markdown, JSON and a PNG heat map.
+
+The third compares two finished suites on the same images image by image: per column, how
+many images each model keeps under its worst case that the other loses, with the exact sign
+test of that split (two accuracies on the same 100 images are not independent samples).
 """
 
 from __future__ import annotations
@@ -491,12 +496,10 @@ def per_image(labels, clean: dict, correct: dict) -> dict:
 _RESUME_IGNORED = ("attacks", "sanity")
 
 
-def load_previous(output_dir: str, expected: dict) -> dict | None:
-    """Rows of an earlier run in `output_dir` (results.json and per_image.npz) for --resume,
-    or None when there is none. `expected` holds this run's `checkpoint`, `num_examples`,
-    `dataset`, `model`, `columns` and `settings`; any difference is a ConfigError naming it,
-    since reusing rows made under other settings would mix two experiments in one table."""
-    expected = json.loads(json.dumps(expected))  # tuples as lists, as results.json has them
+def _read_suite(output_dir: str, who: str) -> tuple | None:
+    """(results.json, per_image.npz arrays, path of results.json) of a suite's output folder,
+    or None when it has no results.json; unreadable or missing per-image files are a
+    ConfigError that starts with `who` (the option or command that needed them)."""
     path = os.path.join(output_dir, "results.json")
     arrays_path = os.path.join(output_dir, "per_image.npz")
     if not os.path.exists(path):
@@ -505,11 +508,29 @@ def load_previous(output_dir: str, expected: dict) -> dict | None:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: cannot read {path}: {e}") from None
+        raise ConfigError(f"{who}: cannot read {path}: {e}") from None
     if not os.path.exists(arrays_path):
-        raise ConfigError(f"--resume: {path} has no per_image.npz beside it (written by an "
-                          f"older version), so its rows cannot enter the per-image worst "
-                          f"case; use another --output or drop --resume")
+        raise ConfigError(f"{who}: {path} has no per_image.npz beside it (written by an "
+                          f"older version), so its per-image outcomes are unknown; run the "
+                          f"suite again into another --output")
+    try:
+        with np.load(arrays_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{who}: cannot read {arrays_path}: {e}") from None
+    return saved, arrays, path
+
+
+def load_previous(output_dir: str, expected: dict) -> dict | None:
+    """Rows of an earlier run in `output_dir` (results.json and per_image.npz) for --resume,
+    or None when there is none. `expected` holds this run's `checkpoint`, `num_examples`,
+    `dataset`, `model`, `columns` and `settings`; any difference is a ConfigError naming it,
+    since reusing rows made under other settings would mix two experiments in one table."""
+    expected = json.loads(json.dumps(expected))  # tuples as lists, as results.json has them
+    found = _read_suite(output_dir, "--resume")
+    if found is None:
+        return None
+    saved, arrays, path = found
     for key in ("checkpoint", "num_examples", "dataset", "model", "columns"):
         if saved.get(key) != expected[key]:
             raise ConfigError(f"--resume: {path} has {key} {saved.get(key)!r}, this run "
@@ -519,11 +540,6 @@ def load_previous(output_dir: str, expected: dict) -> dict | None:
             raise ConfigError(f"--resume: {path} was made with {key} "
                               f"{saved.get('settings', {}).get(key)!r}, this run {value!r}; "
                               f"use another --output or drop --resume")
-    try:
-        with np.load(arrays_path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: cannot read {arrays_path}: {e}") from None
     correct = {}
     for name, value in arrays.items():
         if "__" in name and not name.startswith("clean__"):
@@ -535,7 +551,17 @@ def load_previous(output_dir: str, expected: dict) -> dict | None:
             "clean": {k.split("__", 1)[1]: v for k, v in arrays.items()
                       if k.startswith("clean__")},
             "sanity": None if "incomplete" in saved else saved.get("sanity"),
-            "path": path}
+            "complete": "incomplete" not in saved, "saved": saved, "path": path}
+
+
+def _already_done(previous: dict, settings: Settings) -> bool:
+    """Whether `previous` is a finished run with exactly this run's rows (and its sanity checks
+    when asked for): then --resume has nothing to add and rewriting the files would only
+    relabel a finished table as carried over."""
+    wanted = [k for k in settings.attacks if any(m in ROW[k].modes for m in settings.modes)]
+    return (previous["complete"] and [r["key"] for r in previous["saved"].get("rows", [])]
+            == wanted and set(wanted) <= previous["rows"].keys()
+            and bool(previous["sanity"]) == settings.sanity)
 
 
 def _check_previous(previous: dict, labels, clean: dict) -> dict:
@@ -724,7 +750,7 @@ def markdown(result: dict) -> str:
         lines += [f"Step {result['step']}, first {result['num_examples']} test images of "
                   f"{result['dataset']}, made by `{result['command']}` on {result['time']}.", ""]
     if result.get("resumed_rows"):
-        lines += [f"Rows carried over from an earlier, stopped run of the same checkpoint and "
+        lines += [f"Rows carried over from an earlier run of the same checkpoint and "
                   f"settings (`--resume`, clean predictions checked image by image): "
                   f"{', '.join(result['resumed_rows'])}.", ""]
     if "incomplete" in result:
@@ -849,6 +875,11 @@ def run(config, settings: Settings, checkpoint: str | None = None,
                                           "checkpoint": path})
         out(f"--resume: {len(previous['rows'])} rows from {previous['path']}" if previous
             else f"--resume: nothing in {output} yet, starting afresh")
+        if previous and _already_done(previous, settings):
+            out(f"--resume: {output} already holds every row asked for"
+                f"{' and the sanity checks' if settings.sanity else ''}; nothing to run, "
+                f"its files are left as they are")
+            return previous["saved"]
     out(f"checkpoint {path} (step {step}), first {config.num_eval_examples} test images of "
         f"{dataset.source}")
     header = {"checkpoint": path, "step": step, "command": command,
@@ -981,6 +1012,126 @@ def run_ablation(config, paths, labels, ratios, output: str, command: str = "",
 
 
 # ------------------------------------------------------------------------------------------
+# Two suites on the same images, image by image
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of `a` images robust only under one
+    model against `b` robust only under the other: the chance of a split at least this
+    uneven if either model were equally likely to keep a discordant image."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _robust_per_image(saved: dict, arrays: dict, mode: str, path: str) -> np.ndarray:
+    """The worst case per image of one column, rebuilt from per_image.npz with the rows
+    results.json counted in it."""
+    robust = np.ones(saved["num_examples"], bool)
+    for key in ["clean"] + saved["worst_case"][mode]["attacks"]:
+        name = f"{key}__{mode}"
+        if name not in arrays:
+            raise ConfigError(f"compare: {path} counts {key} in its {mode} worst case but "
+                              f"the per_image.npz beside it has no {name}")
+        robust &= arrays[name]
+    return robust
+
+
+def compare(dir_a: str, dir_b: str, names: tuple = ("A", "B")) -> dict:
+    """The per-image worst case of two finished suites on the same test images, column by
+    column: how many images each keeps that the other loses, and the sign test of that split.
+    Both must have run the same attacks at the same epsilon on the same images, so that the
+    only difference left is the model."""
+    suites = []
+    for d in (dir_a, dir_b):
+        found = _read_suite(d, "compare")
+        if found is None:
+            raise ConfigError(f"compare: {d} has no results.json; give a folder written by "
+                              f"python -m madry_ns.evaluate --output")
+        saved, arrays, path = found
+        if "incomplete" in saved:
+            raise ConfigError(f"compare: {path} is an unfinished run; finish it with "
+                              f"python -m madry_ns.evaluate ... --output {d} --resume")
+        suites.append((saved, arrays, path))
+    (sa, aa, pa), (sb, ab, pb) = suites
+    for key in ("num_examples", "dataset"):
+        if sa.get(key) != sb.get(key):
+            raise ConfigError(f"compare: {key} differs: {pa} has {sa.get(key)!r}, "
+                              f"{pb} {sb.get(key)!r}; compare suites on the same images")
+    if not np.array_equal(aa.get("labels"), ab.get("labels")):
+        raise ConfigError(f"compare: the labels in {pa} and {pb} differ image by image; "
+                          f"compare suites on the same images")
+    if sa["settings"].get("epsilon") != sb["settings"].get("epsilon"):
+        raise ConfigError(f"compare: epsilon differs: {sa['settings'].get('epsilon')} in "
+                          f"{pa}, {sb['settings'].get('epsilon')} in {pb}")
+    columns = [m for m in sa["columns"] if sb["columns"].get(m) == sa["columns"][m]]
+    if not columns:
+        raise ConfigError(f"compare: {pa} and {pb} share no inference column with the same "
+                          f"label: {list(sa['columns'].values())} against "
+                          f"{list(sb['columns'].values())}")
+    rows = {}
+    for m in columns:
+        attacks_a, attacks_b = (s["worst_case"][m]["attacks"] for s in (sa, sb))
+        if attacks_a != attacks_b:
+            raise ConfigError(f"compare: column {m}: the worst case of {pa} counts "
+                              f"{attacks_a}, that of {pb} {attacks_b}; run the same attacks")
+        ra, rb = _robust_per_image(sa, aa, m, pa), _robust_per_image(sb, ab, m, pb)
+        only_a, only_b = int((ra & ~rb).sum()), int((~ra & rb).sum())
+        rows[m] = {"label": sa["columns"][m], "accuracy": [float(ra.mean()), float(rb.mean())],
+                   "both": int((ra & rb).sum()), "only": [only_a, only_b],
+                   "neither": int((~ra & ~rb).sum()), "sign_test_p": sign_test(only_a, only_b)}
+    return {"names": list(names), "suites": [pa, pb], "num_examples": sa["num_examples"],
+            "dataset": sa["dataset"], "epsilon": sa["settings"].get("epsilon"),
+            "attacks": {m: sa["worst_case"][m]["attacks"] for m in columns}, "columns": rows}
+
+
+def compare_markdown(result: dict) -> str:
+    a, b = result["names"]
+    lines = [f"# {a} against {b}: worst case per image", "",
+             f"{a}: `{result['suites'][0]}`; {b}: `{result['suites'][1]}`. The same first "
+             f"{result['num_examples']} test images of {result['dataset']}; an image counts as "
+             f"robust if it is right clean and under every L-inf attack of the column within "
+             f"eps {result['epsilon']:g}. The sign test counts only the test images' noise, "
+             f"not that of training (each model is one run).", "",
+             f"| column | {a} (%) | {b} (%) | robust under both | only {a} | only {b} | "
+             f"sign test p |", "|---|---|---|---|---|---|---|"]
+    for row in result["columns"].values():
+        lines.append(f"| {row['label'].split(' (')[0]} | {_pct(row['accuracy'][0])} | "
+                     f"{_pct(row['accuracy'][1])} | {row['both']} | {row['only'][0]} | "
+                     f"{row['only'][1]} | {row['sign_test_p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _compare_main(argv: list) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m madry_ns.evaluate compare",
+        description="Two finished suites on the same images, image by image")
+    parser.add_argument("suites", nargs=2, metavar="OUTPUT_DIR",
+                        help="two folders written by python -m madry_ns.evaluate --output")
+    parser.add_argument("--names", nargs=2, default=("A", "B"), help="the two models' names")
+    parser.add_argument("--output", help="also write compare.md and compare.json here")
+    args = parser.parse_args(argv)
+    from madry_ns.cli import report_user_errors
+
+    def go(_):
+        from madry_ns import files
+
+        result = compare(*args.suites, names=tuple(args.names))
+        text = compare_markdown(result)
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+            files.atomic_write_text(os.path.join(args.output, "compare.json"),
+                                    json.dumps(result, indent=2) + "\n")
+            files.atomic_write_text(os.path.join(args.output, "compare.md"), text)
+        print(text, end="")
+
+    report_user_errors(go, [])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -990,6 +1141,8 @@ def _csv(text: str) -> tuple:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return _compare_main(argv[1:])
     command = "python -m madry_ns.evaluate " + " ".join(argv)
     ablation_mode = bool(argv) and argv[0] == "ablation"
     parser = argparse.ArgumentParser(

@@ -304,7 +304,7 @@ def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
     assert [(r["key"], r["accuracy"]) for r in resumed["rows"]] == \
         [(r["key"], r["accuracy"]) for r in straight["rows"]]
     md = (tmp_path / "results.md").read_text()
-    assert "carried over from an earlier, stopped run" in md and "Incomplete" not in md
+    assert "carried over from an earlier run" in md and "Incomplete" not in md
 
 
 def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits, config,
@@ -385,7 +385,7 @@ def _trained_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_command_line_table_on_a_trained_checkpoint(tmp_path):
+def test_command_line_table_on_a_trained_checkpoint(tmp_path, capsys):
     """`python -m madry_ns.evaluate` on a 4-step narrow-WRN checkpoint."""
     cfg, path = _trained_checkpoint(tmp_path)
     out = tmp_path / "suite"
@@ -398,12 +398,26 @@ def test_command_line_table_on_a_trained_checkpoint(tmp_path):
     assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
     assert list(saved["columns"]) == ["pn", "shaped"]
     assert (out / "results.md").read_text().startswith("# Evaluation: ")
-    # --resume on a finished output reruns nothing and keeps the table
+    # --resume on a finished output runs nothing and leaves its files as they are
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
     assert evaluate.main(["--config", str(path), "--attacks", "pgd,adaptive",
                           "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
                           "--output", str(out), "--resume"]) == 0
+    assert "nothing to run" in capsys.readouterr().out
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # asking for one more row runs that row only and says which rows were carried over
+    assert evaluate.main(["--config", str(path), "--attacks", "pgd,adaptive,fgsm",
+                          "--modes", "pn,shaped", "--no_sanity", "--seed", "3",
+                          "--output", str(out), "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["resumed_rows"] == ["pgd", "adaptive"] and again["rows"] == saved["rows"]
+    assert again["resumed_rows"] == ["pgd", "adaptive"]
+    assert again["rows"][:2] == saved["rows"] and again["rows"][2]["key"] == "fgsm"
+    # a suite compared with itself: every image on the diagonal
+    capsys.readouterr()
+    assert evaluate.main(["compare", str(out), str(out), "--output", str(tmp_path / "cmp")]) == 0
+    same = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert all(r["only"] == [0, 0] and r["sign_test_p"] == 1.0 for r in same["columns"].values())
+    assert capsys.readouterr().out == (tmp_path / "cmp" / "compare.md").read_text()
 
 
 @pytest.mark.slow
@@ -439,3 +453,77 @@ def test_command_line_errors_exit_2_and_write_nothing(tmp_path, capsys):
                        "a", "--ratios", "1,-3", "--output", str(out)])
     assert e.value.code == 2 and "--ratios -3" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _fake_suite(folder, outcomes: dict, labels, eps=32.0, incomplete=False):
+    """A finished suite's files with the given per-image outcomes ({"clean__pn": ..., ...}):
+    what `compare` reads, without running an attack."""
+    os.makedirs(folder, exist_ok=True)
+    modes = sorted({k.split("__")[1] for k in outcomes})
+    saved = {"num_examples": len(labels), "dataset": "digits", "settings": {"epsilon": eps},
+             "columns": {m: f"{m.upper()} (label)" for m in modes},
+             "worst_case": {m: {"attacks": sorted(k.split("__")[0] for k in outcomes
+                                                  if k.endswith(m) and
+                                                  not k.startswith("clean"))}
+                            for m in modes}}
+    if incomplete:
+        saved["incomplete"] = {"pending_attacks": ["eot"]}
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(saved, f)
+    np.savez(os.path.join(folder, "per_image.npz"), labels=np.asarray(labels),
+             **{k: np.asarray(v, bool) for k, v in outcomes.items()})
+
+
+def test_compare_counts_images_each_model_keeps_and_tests_the_split(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 100)
+    a = {k: rng.random(100) < p for k, p in
+         (("clean__pn", 0.98), ("pgd__pn", 0.85), ("autoattack__pn", 0.8))}
+    b = {k: rng.random(100) < p for k, p in
+         (("clean__pn", 0.98), ("pgd__pn", 0.75), ("autoattack__pn", 0.7))}
+    _fake_suite(tmp_path / "a", a, labels)
+    _fake_suite(tmp_path / "b", b, labels)
+    result = evaluate.compare(str(tmp_path / "a"), str(tmp_path / "b"), names=("m", "s"))
+    ra = a["clean__pn"] & a["pgd__pn"] & a["autoattack__pn"]
+    rb = b["clean__pn"] & b["pgd__pn"] & b["autoattack__pn"]
+    row = result["columns"]["pn"]
+    assert row["only"] == [int((ra & ~rb).sum()), int((~ra & rb).sum())]
+    assert row["both"] + row["neither"] + sum(row["only"]) == 100
+    assert row["accuracy"] == [ra.mean(), rb.mean()]
+    from scipy.stats import binomtest  # an independent exact binomial test
+
+    assert row["sign_test_p"] == pytest.approx(binomtest(row["only"][0], sum(row["only"])).pvalue)
+    md = evaluate.compare_markdown(result)
+    assert "| PN |" in md and "only m" in md and "sign test p" in md
+
+
+@pytest.mark.parametrize("a,b,p", [(0, 0, 1.0), (14, 2, 0.004180908203125), (3, 3, 1.0),
+                                   (5, 0, 0.0625)])
+def test_sign_test_matches_known_values(a, b, p):
+    assert evaluate.sign_test(a, b) == pytest.approx(p)
+    assert evaluate.sign_test(b, a) == pytest.approx(p)
+
+
+def test_compare_refuses_suites_that_are_not_comparable(tmp_path):
+    labels = np.arange(10) % 10
+    ok = {"clean__pn": np.ones(10), "pgd__pn": np.ones(10)}
+    _fake_suite(tmp_path / "a", ok, labels)
+    cases = {
+        "other_labels": (dict(outcomes=ok, labels=labels[::-1]), "labels"),
+        "other_eps": (dict(outcomes=ok, labels=labels, eps=16.0), "epsilon differs"),
+        "unfinished": (dict(outcomes=ok, labels=labels, incomplete=True), "unfinished run"),
+        "other_attacks": (dict(outcomes={**ok, "mim__pn": np.ones(10)}, labels=labels),
+                          "run the same attacks"),
+    }
+    for name, (kwargs, message) in cases.items():
+        _fake_suite(tmp_path / name, **kwargs)
+        with pytest.raises(ConfigError, match=message):
+            evaluate.compare(str(tmp_path / "a"), str(tmp_path / name))
+    with pytest.raises(ConfigError, match="has no results.json"):
+        evaluate.compare(str(tmp_path / "a"), str(tmp_path / "nowhere"))
+    os.remove(tmp_path / "other_eps" / "per_image.npz")
+    with pytest.raises(ConfigError, match="no per_image.npz"):
+        evaluate.compare(str(tmp_path / "a"), str(tmp_path / "other_eps"))
+    (tmp_path / "a" / "per_image.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="cannot read .*per_image.npz"):
+        evaluate.compare(str(tmp_path / "a"), str(tmp_path / "other_labels"))
