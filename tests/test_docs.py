@@ -1,6 +1,7 @@
 """The README and configs stay true to the code."""
 
 import glob
+import json
 import os
 import re
 
@@ -51,3 +52,51 @@ def test_local_links_in_the_readme_and_docs_point_to_files():
                 continue
             path = os.path.normpath(os.path.join(os.path.dirname(page), target))
             assert os.path.exists(path), f"{os.path.relpath(page, ROOT)} links to {target}"
+
+
+def _tables(text: str) -> list:
+    """The Markdown tables of `text`, each as its list of lines."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_digits_evaluation_tables_are_those_the_suite_wrote():
+    """docs/evaluation_digits.md copies its tables from the suites' folders in docs/evaluation/:
+    each results.md is the suite's own rendering of the results.json beside it, and the
+    image-by-image comparisons are recomputed from their per_image.npz."""
+    from madry_ns import evaluate
+
+    with open(os.path.join(ROOT, "docs", "evaluation_digits.md"), encoding="utf-8") as f:
+        doc = f.read()
+    folders = sorted(glob.glob(os.path.join(ROOT, "docs", "evaluation", "*", "results.json")))
+    names = [os.path.basename(os.path.dirname(p)) for p in folders]
+    assert {"madry", "shaping_madry", "trades", "shaping_trades"} <= set(names)
+    for name, path in zip(names, folders):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        with open(path[:-len("json")] + "md", encoding="utf-8") as f:
+            rendered = f.read()
+        assert evaluate.markdown(saved) == rendered, name
+        assert f"**{name}** (" in doc, name
+        section = doc.split(f"**{name}** (", 1)[1]
+        assert _tables(section)[:2] == _tables(rendered)[:2], name  # results and sanity
+    for base, shaped in (("madry", "shaping_madry"), ("trades", "shaping_trades")):
+        result = evaluate.compare(*(os.path.join(ROOT, "docs", "evaluation", n)
+                                    for n in (base, shaped)), names=(base, shaped))
+        table = _tables(evaluate.compare_markdown(result))[0]
+        assert "\n".join(table) in doc, (base, shaped)
+    with open(os.path.join(ROOT, "docs", "evaluation", "ablation", "ablation.json"),
+              encoding="utf-8") as f:
+        grid = json.load(f)
+    with open(os.path.join(ROOT, "docs", "evaluation", "ablation", "ablation.md"),
+              encoding="utf-8") as f:
+        rendered = f.read()
+    assert evaluate.ablation_markdown(grid, grid["command"]) == rendered
+    for table in _tables(rendered):
+        assert "\n".join(table) in doc
