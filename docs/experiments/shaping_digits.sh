@@ -10,8 +10,8 @@
 # CW 5 x 50 steps, APGD 10 steps with 1 target class, Square 100 queries, EOT over 3 draws;
 # sanity: 2x steps, 2 starts. The rest are the suite's defaults. Measured cost on 2026-11-30
 # (host throttled to a 57-79 GFLOP/s matmul peak, about 1/7 of its usual): 13-17.5 min to
-# train each model, 25-35 min per suite (times per attack in each results.md), the ablation
-# ABLATION_MINUTES min. The suite saves its table after every attack and --resume continues a
+# train each model, 24-31 min per suite (times per attack in each results.md), the ablation
+# 23 min. The suite saves its table after every attack and --resume continues a
 # stopped one (a finished one is left alone), so running this script again finishes whatever
 # is missing.
 # Run from the repository root: bash docs/experiments/shaping_digits.sh
