@@ -551,7 +551,7 @@ def load_previous(output_dir: str, expected: dict) -> dict | None:
             "clean": {k.split("__", 1)[1]: v for k, v in arrays.items()
                       if k.startswith("clean__")},
             "sanity": None if "incomplete" in saved else saved.get("sanity"),
-            "complete": "incomplete" not in saved, "saved": saved, "path": path}
+            "saved": saved, "path": path}
 
 
 def _already_done(previous: dict, settings: Settings) -> bool:
@@ -559,7 +559,8 @@ def _already_done(previous: dict, settings: Settings) -> bool:
     when asked for): then --resume has nothing to add and rewriting the files would only
     relabel a finished table as carried over."""
     wanted = [k for k in settings.attacks if any(m in ROW[k].modes for m in settings.modes)]
-    return (previous["complete"] and [r["key"] for r in previous["saved"].get("rows", [])]
+    saved = previous["saved"]
+    return ("incomplete" not in saved and [r["key"] for r in saved.get("rows", [])]
             == wanted and set(wanted) <= previous["rows"].keys()
             and bool(previous["sanity"]) == settings.sanity)
 
