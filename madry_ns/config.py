@@ -51,6 +51,16 @@ def _one_of(*choices):
     return check
 
 
+def _inference_mode_error(v) -> str | None:
+    """The registry of inference modes (`madry_ns.inference`) decides what `inference_bn`
+    may be, so that a registered mode is a valid config value without an edit here."""
+    from madry_ns import inference
+
+    if v in inference.MODES:
+        return None
+    return "one of " + ", ".join(repr(k) for k in inference.MODES)
+
+
 def rna_candidate_error(name) -> str | None:
     """Why `name` is not an RNA candidate, or None: 'bn', 'in', 'ln' or 'gn_<groups>'."""
     if name in ("bn", "in", "ln"):
@@ -218,7 +228,7 @@ class Config:
     inference_bn: str = _key(
         "population", "How test inputs are classified: 'population' (moving statistics, Madry), "
         "'batch' (each test batch's own statistics) or 'shaped' (each test chunk mixed with clean "
-        "training images, batch statistics)", _one_of("population", "batch", "shaped"))
+        "training images, batch statistics)", lambda v: _inference_mode_error(v))
     inference_ratio: int = _key(9, "Shaped inference test:clean 1:r (paper 1:9 at batch 100)",
                                 _non_negative)
     inference_mixing: str = _key(
@@ -360,12 +370,11 @@ def _check_consistency(c: "Config", source: str) -> None:
             problems.append("norm_layer 'rna': the eval attack runs through the inference "
                             "forward on its own path; eval_attack_bn 'population' with "
                             "inference_bn 'batch' is not supported")
-    if (c.inference_bn == "shaped" and c.inference_mixing == "per_batch"
-            and c.eval_batch_size % (c.inference_ratio + 1)):
-        problems.append(
-            f"shaped inference per batch puts eval_batch_size/(inference_ratio+1) test images in "
-            f"each forward: eval_batch_size {c.eval_batch_size} is not divisible by "
-            f"{c.inference_ratio + 1}")
+    from madry_ns import inference
+
+    mode_problem = inference.get(c.inference_bn).check(c)
+    if mode_problem:
+        problems.append(mode_problem)
     if c.trainable == "bn_affine" and c.train_attack_bn_mode == "batch_update":
         problems.append("trainable 'bn_affine' keeps the BN statistics frozen, but "
                         "train_attack_bn_mode 'batch_update' would update them at every attack "

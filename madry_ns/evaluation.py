@@ -16,64 +16,33 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, files, rna, shaping
+from madry_ns import attacks, checkpoints, data, files, inference, rna, seeds, shaping
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
 
 
-# Stateless seed streams: classification draws use (inference_seed, call index), the
-# attacker's own reference draws (inference_seed, _ATTACK_STREAM + batch index).
-_ATTACK_STREAM = 1_000_000_000
-
-
 class Classifier:
     """`classifier(x) -> logits`: the one way test inputs are classified (eval, pgd_attack,
-    run_attack), per `inference_bn`, compiled once per input shape.
+    run_attack), per `inference_bn` (a mode of `madry_ns.inference`), compiled once per
+    input shape.
 
-    * population: moving statistics (Madry's eval model);
-    * batch: batch statistics of the test batch itself (moving averages untouched);
-    * shaped: BN+Shaping (`shaping.ShapedInference`): chunks of test images mixed with clean,
-      unaugmented training images; 'fresh' references are redrawn on every call (the n-th
-      call uses seed (inference_seed, n), so a rerun is identical), 'fixed' ones never change.
-
-    A model with RNA layers classifies on a random path (`rna_inference_path`): 'fresh', a new
-    path for every call, drawn from (inference_seed, n) (the released evaluation: one path per
-    test batch); 'fixed', the one path drawn from (inference_seed, 0), for every call.
+    The n-th call seeds the mode's draws with (inference_seed, n), so a rerun is identical:
+    shaped inference with 'fresh' references draws new ones on every call ('fixed' ones never
+    change); a model with RNA layers classifies on a fresh random path per call (the
+    released evaluation: one path per test batch) or on the one fixed path.
     """
 
     def __init__(self, model, config, dataset: data.Dataset):
         self.config = config
         self.calls = 0
-        self.shaped = None
-        if config.inference_bn == "shaped":
-            self.shaped = make_shaped_inference(model, config, dataset)
-            forward = self.shaped.logits
-        elif rna.has_rna(model):
-            on_path = rna.forward_on_path(model, _bn_mode(config))
-            if config.rna_inference_path == "fixed":
-                fixed = tf.constant([config.inference_seed, 0], tf.int64)
-                forward = lambda x, seed: on_path(x, fixed)  # noqa: E731
-            else:
-                forward = on_path
-        else:
-            bn_mode = _bn_mode(config)
-
-            def forward(x, seed):
-                del seed
-                return model(x, bn_mode=bn_mode)
-        self._forward = tf.function(forward)
-        self.forward = forward
+        self.forward = inference.forward(model, config, dataset)
+        self._forward = tf.function(self.forward.classify)
 
     def __call__(self, x):
-        seed = tf.constant([self.config.inference_seed, self.calls], tf.int64)
+        seed = seeds.pair(self.config.inference_seed, self.calls)
         self.calls += 1
         return self._forward(tf.convert_to_tensor(x, tf.float32), seed)
-
-
-def _bn_mode(config) -> str:
-    """The BN mode of `inference_bn` 'population' or 'batch'."""
-    return "population" if config.inference_bn == "population" else "batch_frozen"
 
 
 def is_madrys_protocol(config) -> bool:
@@ -83,13 +52,8 @@ def is_madrys_protocol(config) -> bool:
 
 
 def make_shaped_inference(model, config, dataset: data.Dataset) -> shaping.ShapedInference:
-    """The config's BN+Shaping inference, with references from the training images."""
-    ratio = config.inference_ratio
-    chunk = 1 if config.inference_mixing == "per_sample" else \
-        config.eval_batch_size // (ratio + 1)
-    fixed = [config.inference_seed, 0] if config.inference_references == "fixed" else None
-    return shaping.ShapedInference(model, shaping.ReferencePool(dataset.train_images), ratio,
-                                   chunk, fixed_seed=fixed)
+    """The config's BN+Shaping inference (`inference.make_shaped_inference`)."""
+    return inference.make_shaped_inference(model, config, dataset)
 
 
 def make_classifier(model, config, dataset: data.Dataset) -> Classifier:
@@ -101,29 +65,24 @@ def make_eval_attack(model, config, classifier: Classifier):
     """`attack(x, y, batch_index) -> x_adv`: the config's PGD, compiled once per shape.
 
     It differentiates through the classifier's own forward (`eval_attack_bn: inference`, an
-    adaptive attack; for fresh shaped references the attacker uses its own draw, for fixed
-    ones the very references of inference) or through population statistics ('population',
-    the norm-shaping paper's protocol, a transfer when inference is not population). With RNA
-    layers the attack runs through the classifier's forward on its own path: a 'fresh' path
-    drawn for the attacker (the paper's protocol) or the 'fixed' path that classifies.
+    adaptive attack: `inference.Forward.attack`, so for fresh shaped references or fresh RNA
+    paths the attacker uses its own draw, for fixed ones the very references or path that
+    classify) or through population statistics ('population', the norm-shaping paper's
+    protocol, a transfer when inference is not population). A model with RNA layers is
+    always attacked through its random-path forward.
     """
     params = attacks.config_params(config)
     loss = attacks.LOSSES[params.pop("loss_func")]
     through_population = not rna.has_rna(model) and (
         config.eval_attack_bn == "population" or config.inference_bn == "population")
-
-    def logits_fn(x_adv, batch_index):
-        if through_population:
-            return model(x_adv, bn_mode="population")
-        seed = tf.stack([tf.constant(config.inference_seed, tf.int64),
-                         _ATTACK_STREAM + batch_index])
-        return classifier.forward(x_adv, seed)
+    forward = inference.forward(model, config, None, "population") if through_population \
+        else classifier.forward
 
     @tf.function
     def attack(x, y, batch_index):
-        seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), batch_index])
-        return attacks.pgd(lambda z: tf.reduce_sum(loss(logits_fn(z, batch_index), y)), x,
-                           seed=seed, **params)
+        draw = seeds.reference_draw(config, batch_index)
+        return attacks.pgd(lambda z: tf.reduce_sum(loss(forward.attack(z, draw), y)), x,
+                           seed=seeds.eval_start(config, batch_index), **params)
 
     return lambda x, y, i: attack(tf.convert_to_tensor(x, tf.float32), y,
                                   tf.constant(i, tf.int64))
@@ -132,34 +91,17 @@ def make_eval_attack(model, config, classifier: Classifier):
 def describe(config) -> dict:
     """Labels saying how the numbers were made: inference mode and attack generation, in
     full (`inference`, `attack`) and short, for tables (`inference_short`, `attack_short`)."""
-    r = config.inference_ratio
-    if config.inference_bn == "population":
-        inference, short = "PN (population statistics)", "PN"
-    elif config.inference_bn == "batch":
-        inference = f"BN (statistics of each test batch of {config.eval_batch_size})"
-        short = f"BN (batch {config.eval_batch_size})"
-    else:
-        chunk = 1 if config.inference_mixing == "per_sample" else \
-            config.eval_batch_size // (r + 1)
-        inference = (f"BN+Shaping 1:{r} ({chunk} test + {r * chunk} clean training images per "
-                     f"forward, {config.inference_references} references)")
-        short = f"BN+Shaping 1:{r}, {config.inference_references} refs"
+    mode = inference.get(config.inference_bn)
     pgd = (f"PGD-{config.num_steps} ({config.loss_func}, eps {config.epsilon:g}, step "
            f"{config.step_size:g}{', random start' if config.random_start else ''})")
     if config.norm_layer == "rna":
         return describe_rna(config, pgd)
-    if config.inference_bn == "population":
-        how = "white-box through PN"
-    elif config.eval_attack_bn == "population":
+    if config.inference_bn != "population" and config.eval_attack_bn == "population":
         how = "generated on PN (transfer, the paper's protocol)"
-    elif config.inference_bn == "batch":
-        how = "adaptive, through the test batch's statistics"
-    elif config.inference_references == "fixed":
-        how = "exact adaptive, through BN+Shaping with the inference references"
     else:
-        how = "adaptive, through BN+Shaping with the attacker's own reference draw"
-    return {"inference": inference, "attack": f"{pgd} {how}", "inference_short": short,
-            "attack_short": how}
+        how = mode.adaptive(config)
+    return {"inference": mode.label(config), "attack": f"{pgd} {how}",
+            "inference_short": mode.tag(config), "attack_short": how}
 
 
 def rna_space(config) -> str:

@@ -162,7 +162,7 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
     counts as robust only if it survives every attack). Population statistics throughout."""
     import tensorflow as tf
 
-    from madry_ns import attacks, autoattack, data, evaluation
+    from madry_ns import attacks, autoattack, data, evaluation, inference, seeds
 
     n = settings.num_robust_examples
     if n > len(dataset.test_images):
@@ -177,8 +177,10 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
                                 random_start=True, loss_func="xent")
     pgd = evaluation.make_eval_attack(model, pgd_config, classify)
 
+    population = inference.forward(model, config, dataset, "population")
+
     def logits_fn(x):
-        return model(x, bn_mode="population")
+        return population(x, seeds.reference_draw(config, 0))
 
     ensemble = attacks.compile_attack(
         autoattack.autoattack_style, logits_fn, epsilon=config.epsilon,

@@ -12,28 +12,19 @@ start, so a resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
-import tensorflow as tf
+from madry_ns import seeds
 
 # Streams folded into (np_random_seed, step): the attack's path and the update's path.
-ATTACK_PATH_STREAM, TRAIN_PATH_STREAM = 1, 2
+ATTACK_PATH_STREAM = seeds.STREAMS["rna_attack_path"]
+TRAIN_PATH_STREAM = seeds.STREAMS["rna_train_path"]
+# The helpers live in madry_ns.seeds; these names are kept for existing callers.
+fold = seeds.fold
+training_seed = seeds.training
 
 
 def has_rna(model) -> bool:
     """Whether `model` has RNA layers (and so a random path)."""
     return bool(getattr(model, "rna_layers", list)())
-
-
-def fold(seed, *data):
-    """`seed` (two integers) with each of `data` folded in, statelessly."""
-    seed = tf.cast(seed, tf.int64)
-    for d in data:
-        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(d, tf.int64))
-    return seed
-
-
-def training_seed(config, step):
-    """The (np_random_seed, step) pair the training step's randomness derives from."""
-    return tf.stack([tf.constant(config.np_random_seed, tf.int64), tf.cast(step, tf.int64)])
 
 
 def with_random_paths(model, config, adversary):

@@ -41,14 +41,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import attacks, autoattack, checkpoints, data, evaluation, files, rna
+from madry_ns import (attacks, autoattack, checkpoints, data, evaluation, files, inference, rna,
+                      seeds)
 from madry_ns.errors import ConfigError
 
 PROTOCOLS = {"paper": "(a)", "fixed": "(b)", "eot": "(c)", "aa_eot": "(d)"}
-# Seed streams folded into (inference_seed, 0); then the batch index, then the repeat.
-_CLASSIFY, _ATTACK_PATH, _START, _EOT, _AA = 1, 2, 3, 4, 5
-# What is classified, so that every classification draws its own paths.
-_TARGETS = {"clean": 0, "paper": 1, "eot": 2, "apgd-ce": 3, "apgd-dlr": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +122,8 @@ class _Compiled:
 
     def __init__(self, model, config, settings: Settings):
         self.deterministic = not rna.has_rna(model)
-        bn_mode = "population" if config.inference_bn == "population" else "batch_frozen"
-        forward = rna.forward_on_path(model, bn_mode)
+        forward = inference.path_forward(model, config)
+        bn_mode = inference.get(config.inference_bn).bn_mode
         params = attacks.config_params(config)
         loss = attacks.LOSSES[params["loss_func"]]
         k = 1 if self.deterministic else settings.eot_samples
@@ -176,15 +173,15 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
     """
     fns = _Compiled(model, config, settings)
     labels = describe(config, settings, fns.deterministic)
-    base = tf.constant([config.inference_seed, 0], tf.int64)
     repeats = 1 if fns.deterministic else settings.repeats
     wanted = set(settings.protocols)
 
-    def seeds(stream, *data):
-        return rna.fold(base, stream, *data)
+    def draw(stream, *data):
+        return seeds.rna_protocol(config, stream, *data)
 
     def fresh(target, i):
-        return tf.stack([seeds(_CLASSIFY, _TARGETS[target], i, r) for r in range(repeats)])
+        return tf.stack([draw("rna_classify", seeds.RNA_CLASSIFY_TARGETS[target], i, r)
+                         for r in range(repeats)])
 
     y_all, preds, seconds = [], {}, {}
 
@@ -206,19 +203,21 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
         y_all.append(y.numpy())
         record("clean", fns.predict(x, fresh("clean", i)))
         if wanted & {"paper", "fixed"}:
-            path = seeds(_ATTACK_PATH, i)
-            x_adv = timed("paper+fixed", lambda: fns.pgd(x, y, path, seeds(_START, i)).numpy())
+            path = draw("rna_attack_path_eval", i)
+            x_adv = timed("paper+fixed",
+                          lambda: fns.pgd(x, y, path, draw("rna_start", i)).numpy())
             if "paper" in wanted:
                 record("paper", fns.predict(x_adv, fresh("paper", i)))
             if "fixed" in wanted:
                 record("fixed", fns.predict(x_adv, path[None]))
                 record("clean_fixed", fns.predict(x, path[None]))
         if "eot" in wanted:
-            x_adv = timed("eot", lambda: fns.eot(x, y, seeds(_EOT, i)).numpy())
+            x_adv = timed("eot", lambda: fns.eot(x, y, draw("rna_eot", i)).numpy())
             record("eot", fns.predict(x_adv, fresh("eot", i)))
         if "aa_eot" in wanted:
             for j, name in enumerate(("apgd-ce", "apgd-dlr")):
-                x_adv = timed("aa_eot", lambda: fns.apgd[name](x, y, seeds(_AA, i, j)).numpy())
+                x_adv = timed("aa_eot",
+                              lambda: fns.apgd[name](x, y, draw("rna_aa", i, j)).numpy())
                 record(name, fns.predict(x_adv, fresh(name, i)))
         if on_batch:
             on_batch(i, num_batches)

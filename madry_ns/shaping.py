@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import attacks
+from madry_ns import attacks, inference, seeds
 from madry_ns.config import shaping_split
 
 __all__ = ["shaping_split", "kl_divergence", "attack_slice", "ReferencePool", "ShapedInference",
@@ -136,7 +136,8 @@ class ShapedInference:
             if self.fixed is not None:
                 refs = self.fixed[:self.ratio * rest]
             else:
-                refs = self.pool.draw(1, self.ratio * rest, seed + [0, 1_000_003])[0]
+                refs = self.pool.draw(1, self.ratio * rest,
+                                      seed + [0, seeds.SHAPED_TAIL_OFFSET])[0]
             parts.append(self._forward(tail, refs))
         return tf.concat(parts, 0)
 
@@ -149,7 +150,7 @@ def predict(model, x, pool: ReferencePool, ratio: int, *, batch_size: int = 100,
     evaluations: 10 test + 90 references at 1:9, batch 100); 'per_sample' gives every test image
     its own `ratio` references (Eq. 6).
     """
-    chunk = 1 if mixing == "per_sample" else batch_size // (ratio + 1)
+    chunk = inference.chunk_size(batch_size, ratio, mixing)
     if chunk < 1:
         raise ValueError(f"batch_size {batch_size} cannot hold 1 test image at ratio 1:{ratio}")
     return ShapedInference(model, pool, ratio, chunk, fixed_seed).logits(x, seed)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from madry_ns import attacks, autoattack, checkpoints, data, evaluation, models, rna, rna_eval
+from madry_ns import (attacks, autoattack, checkpoints, data, evaluation, models, rna, rna_eval,
+                      seeds)
 from madry_ns import config as config_lib
 from madry_ns import training
 from madry_ns.errors import ConfigError
@@ -644,9 +645,9 @@ def test_fixed_protocol_classifies_on_the_attacked_path(protocol_results):
     for i in range(2):
         x = tf.constant(dataset.test_images[6 * i:6 * i + 6], tf.float32)
         y = tf.constant(dataset.test_labels[6 * i:6 * i + 6])
-        model.resample(rna.fold(base, rna_eval._ATTACK_PATH, i))
+        model.resample(rna.fold(base, seeds.STREAMS["rna_attack_path_eval"], i))
         x_adv = attacks.pgd_attack(model, x, y, bn_mode="population",
-                                   seed=rna.fold(base, rna_eval._START, i),
+                                   seed=rna.fold(base, seeds.STREAMS["rna_start"], i),
                                    **attacks.config_params(config))
         correct.append(np.mean(np.argmax(model(x_adv).numpy(), 1) == y.numpy()))
     assert result["results"]["fixed"]["accuracy"] == pytest.approx(np.mean(correct))

@@ -1,0 +1,128 @@
+"""`--resume`: what an earlier, stopped run of the suite left in its output folder.
+
+A suite folder holds `results.json` (rows, settings, labels) and `per_image.npz` (each image's
+outcome per row and column). `ResumeState.load` reads both and refuses, naming the key, when
+the checkpoint, images, model, columns or any setting differ; `reusable_rows` then checks that
+this run sees the same labels and clean predictions image by image, so reused rows and new
+ones describe one experiment. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from madry_ns.errors import ConfigError
+
+# The settings that must match for --resume to reuse a row (the attack list and the sanity
+# switch may change: rows are reused by key, and the sanity checks rerun unless identical).
+_RESUME_IGNORED = ("attacks", "sanity")
+_IDENTITY_KEYS = ("checkpoint", "num_examples", "dataset", "model", "columns")
+
+
+def read_suite(output_dir: str, who: str) -> tuple | None:
+    """(results.json, per_image.npz arrays, path of results.json) of a suite's output folder,
+    or None when it has no results.json; unreadable or missing per-image files are a
+    ConfigError that starts with `who` (the option or command that needed them)."""
+    path = os.path.join(output_dir, "results.json")
+    arrays_path = os.path.join(output_dir, "per_image.npz")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{who}: cannot read {path}: {e}") from None
+    if not os.path.exists(arrays_path):
+        raise ConfigError(f"{who}: {path} has no per_image.npz beside it (written by an "
+                          f"older version), so its per-image outcomes are unknown; run the "
+                          f"suite again into another --output")
+    try:
+        with np.load(arrays_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{who}: cannot read {arrays_path}: {e}") from None
+    return saved, arrays, path
+
+
+class ResumeState:
+    """The rows of an earlier run that this run may reuse.
+
+    Attributes: `rows` (key -> row of results.json, only rows with every column's per-image
+    outcomes), `correct` ((row, column) -> per-image bool), `labels`, `clean` (column ->
+    per-image bool), `sanity` (the sanity checks of a finished run, else None), `saved` (the
+    whole results.json) and `path`. Item access (`state["rows"]`) reads the same attributes.
+    """
+
+    def __init__(self, saved: dict, arrays: dict, path: str):
+        self.saved, self.path = saved, path
+        self.correct = {}
+        for name, value in arrays.items():
+            if "__" in name and not name.startswith("clean__"):
+                key, mode = name.split("__", 1)
+                self.correct[(key, mode)] = value
+        self.rows = {r["key"]: r for r in saved.get("rows", [])
+                     if all((r["key"], m) in self.correct for m in r["accuracy"])}
+        self.labels = arrays.get("labels")
+        self.clean = {k.split("__", 1)[1]: v for k, v in arrays.items()
+                      if k.startswith("clean__")}
+        self.sanity = None if "incomplete" in saved else saved.get("sanity")
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    @classmethod
+    def load(cls, output_dir: str, expected: dict) -> "ResumeState | None":
+        """The state in `output_dir`, or None when it has none. `expected` holds this run's
+        `checkpoint`, `num_examples`, `dataset`, `model`, `columns` and `settings`; any
+        difference is a ConfigError naming it, since reusing rows made under other settings
+        would mix two experiments in one table."""
+        expected = json.loads(json.dumps(expected))  # tuples as lists, as results.json has
+        found = read_suite(output_dir, "--resume")
+        if found is None:
+            return None
+        saved, arrays, path = found
+        for key in _IDENTITY_KEYS:
+            if saved.get(key) != expected[key]:
+                raise ConfigError(f"--resume: {path} has {key} {saved.get(key)!r}, this run "
+                                  f"{expected[key]!r}; use another --output or drop --resume")
+        for key, value in expected["settings"].items():
+            if key not in _RESUME_IGNORED and saved.get("settings", {}).get(key) != value:
+                raise ConfigError(f"--resume: {path} was made with {key} "
+                                  f"{saved.get('settings', {}).get(key)!r}, this run "
+                                  f"{value!r}; use another --output or drop --resume")
+        return cls(saved, arrays, path)
+
+    def already_done(self, settings) -> bool:
+        """Whether this is a finished run with exactly `settings`' rows (and its sanity checks
+        when asked for): then --resume has nothing to add and rewriting the files would only
+        relabel a finished table as carried over."""
+        from madry_ns.evaluate.rows import ROW
+
+        wanted = [k for k in settings.attacks
+                  if any(ROW[k].has_cell(m) for m in settings.modes)]
+        return ("incomplete" not in self.saved
+                and [r["key"] for r in self.saved.get("rows", [])] == wanted
+                and set(wanted) <= self.rows.keys()
+                and bool(self.sanity) == settings.sanity)
+
+
+def load_previous(output_dir: str, expected: dict) -> ResumeState | None:
+    """`ResumeState.load` (the name earlier versions exported)."""
+    return ResumeState.load(output_dir, expected)
+
+
+def reusable_rows(previous, labels, clean: dict) -> dict:
+    """The reusable rows of `previous`, after checking that this run sees the same images
+    and classifies them the same way (else the model, data or code changed)."""
+    if previous["labels"] is None or not np.array_equal(previous["labels"], labels):
+        raise ConfigError(f"--resume: the labels in {previous['path']}'s per_image.npz are not "
+                          f"those of this run's test images; drop --resume")
+    for m, v in clean.items():
+        if m not in previous["clean"] or not np.array_equal(previous["clean"][m], v):
+            raise ConfigError(f"--resume: the clean predictions under {m} differ from those "
+                              f"in {previous['path']}: the model, data or code changed; "
+                              f"drop --resume")
+    return previous["rows"]

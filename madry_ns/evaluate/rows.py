@@ -1,0 +1,234 @@
+"""The suite's attack rows, as data: one `Row` per attack, in one registry.
+
+A row declares its key, its table name, how its examples are generated (`generation`: on the
+PN forward, by the shaping attack, or through each column's own forward), the columns it has
+a cell in, its threat model and budget (`epsilon`), its seed stream by name
+(`madry_ns.seeds`), the label that says how its examples were made, and `make(suite, mode)`,
+which returns the attack `fn(x, y, i) -> x_adv` for batch i (compiled by the suite). Adding a
+row is one `register(Row(...))`: `--attacks`, the table, the worst case, the sanity checks
+and `--resume` read the registry.
+
+Rows that report per image whether every attack in them failed (`judged_by_attack`, the
+AutoAttack-style ensemble) return `(x_adv, robust)`: re-classifying the per-image mix would
+put images in a batch no attack produced, which matters for batch-statistics columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from madry_ns import seeds
+
+# The suite's columns: its names of the inference modes 'batch', 'population' and 'shaped'
+# (madry_ns.inference.ALIASES), then any other registered mode under its own key.
+COLUMNS = ("bn", "pn", "shaped")
+
+
+def columns() -> tuple:
+    """Every column the suite can run: COLUMNS, then modes registered beyond them."""
+    from madry_ns import inference
+
+    covered = set(inference.ALIASES.values()) | set(COLUMNS)
+    return COLUMNS + tuple(k for k in inference.MODES if k not in covered)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One attack row (see the module docstring)."""
+
+    key: str
+    name: str
+    generation: str  # 'pn', 'shaping' or 'own' (through each column's own forward)
+    make: Callable  # (suite, mode or None) -> fn(x, y, i)
+    label: Callable  # (config, settings) -> how the examples are made
+    stream: str  # the seed stream of its random starts (madry_ns.seeds)
+    modes: tuple | None = None  # the only columns it has a cell in (None: every column)
+    norm: str = "linf"  # 'linf' (bounded) or 'l2' (unbounded minimal-perturbation attacks)
+    epsilon: Callable = lambda config, settings: config.epsilon  # L-inf budget (linf rows)
+    judged_by_attack: bool = False  # fn returns (x_adv, robust per image)
+
+    def budget(self, config, settings) -> float | None:
+        """The row's L-inf budget on the 0-255 scale (None for unbounded L2 attacks)."""
+        return None if self.norm == "l2" else float(self.epsilon(config, settings))
+
+    def has_cell(self, mode: str) -> bool:
+        """Whether the row is run under column `mode`."""
+        return self.modes is None or mode in self.modes
+
+    def is_transfer_in(self, mode: str) -> bool:
+        """Whether the row's examples were made on another forward than column `mode`'s."""
+        return self.generation not in ("own", mode)
+
+
+ROW: dict[str, Row] = {}
+
+
+def register(row: Row) -> Row:
+    """Add `row` at the end of the table (a later registration under its key replaces it)."""
+    ROW[row.key] = row
+    return row
+
+
+def unregister(key: str) -> None:
+    """Remove a row (for rows added by tests or plug-ins)."""
+    ROW.pop(key, None)
+
+
+def rows() -> tuple:
+    """The registered rows, in table order."""
+    return tuple(ROW.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Labels shared by several rows
+
+
+def pgd_text(config) -> str:
+    """The config's PGD in words."""
+    start = ", random start" if config.random_start else ""
+    return (f"PGD-{config.num_steps} ({config.loss_func}, eps {config.epsilon:g}, step "
+            f"{config.step_size:g}{start})")
+
+
+# ------------------------------------------------------------------------------------------
+# The rows of the norm-shaping paper's Tables I/II and the attacks that know the defense
+
+
+def _on_pn(make_attack):
+    """`make` for a row generated once on the PN forward: `make_attack(suite, logits_fn,
+    x, y, seed)` with the batch's PN forward and the row's seed."""
+    def make(suite, mode, row_key):
+        del mode
+        pn = suite.forward("pn")
+        stream = ROW[row_key].stream
+
+        def attack(x, y, i):
+            return make_attack(suite, lambda z: pn(z, i), x, y,
+                               seeds.row_start(suite.config, stream, i))
+        return attack
+    return make
+
+
+def _pn_row(key, name, make_attack, label, stream, **kwargs) -> Row:
+    make = _on_pn(make_attack)
+    return Row(key, name, "pn", lambda suite, mode: make(suite, mode, key), label, stream,
+               **kwargs)
+
+
+def _fgsm(suite, fwd, x, y, seed, *, large=False):
+    eps = suite.settings.fgsm_large_epsilon if large else suite.config.epsilon
+    return suite.attacks.fgsm(fwd, x, y, epsilon=float(eps))
+
+
+def _cleverhans_pgd(suite, fwd, x, y, seed):
+    c = suite.config
+    return suite.attacks.cleverhans_pgd(fwd, x, y, epsilon=float(c.epsilon),
+                                        num_steps=c.num_steps, step_size=float(c.step_size),
+                                        random_start=c.random_start, seed=seed)
+
+
+def _mim(suite, fwd, x, y, seed):
+    c = suite.config
+    return suite.attacks.mim(fwd, x, y, epsilon=float(c.epsilon), num_steps=c.num_steps,
+                             step_size=float(c.step_size))
+
+
+def _cw(suite, fwd, x, y, seed):
+    s = suite.settings
+    return suite.attacks.carlini_wagner_l2(fwd, x, y, max_iterations=s.cw_steps,
+                                           binary_search_steps=s.cw_search_steps)
+
+
+def _deepfool(suite, fwd, x, y, seed):
+    return suite.attacks.deepfool(fwd, x, y, max_iter=suite.settings.deepfool_iters)
+
+
+def _make_shaping(suite, mode):
+    del mode
+
+    def attack(x, y, i):
+        return suite.shaping_attack(x, y, seeds.row_start(suite.config, "shaping_attack", i))
+    return attack
+
+
+def _make_eot(suite, mode):
+    tf, c, s, A = suite.tf, suite.config, suite.settings, suite.attacks
+    fwd = suite.forward(mode)
+    loss = A.LOSSES[c.loss_func]
+
+    def attack(x, y, i):
+        return A.eot_pgd(lambda z, draw: tf.reduce_sum(loss(fwd(z, i, draw), y)), x,
+                         epsilon=c.epsilon, num_steps=c.num_steps, step_size=c.step_size,
+                         eot_samples=s.eot_samples, random_start=c.random_start,
+                         seed=seeds.row_start(c, "eot", i))
+    return attack
+
+
+def _make_autoattack(suite, mode):
+    c, s = suite.config, suite.settings
+    fwd = suite.forward(mode)
+
+    def attack(x, y, i):
+        result = suite.autoattack.autoattack_style(
+            lambda z: fwd(z, i), x, y, epsilon=float(c.epsilon), num_steps=s.apgd_steps,
+            num_targets=s.apgd_targets, num_queries=s.square_queries,
+            seed=seeds.row_start(c, "autoattack", i))
+        return result["x_adv"], result["robust"]
+    return attack
+
+
+register(_pn_row(
+    "fgsm", "FGSM", _fgsm, stream="fgsm",
+    label=lambda c, s: f"FGSM eps {c.epsilon:g}, generated on PN (transfer; white-box in "
+                       f"the PN column)"))
+register(_pn_row(
+    "fgsm16", "FGSM eps 16", lambda *a: _fgsm(*a, large=True), stream="fgsm16",
+    label=lambda c, s: f"FGSM eps {s.fgsm_large_epsilon:g}, generated on PN (the paper's "
+                       f"FGSM(16))",
+    epsilon=lambda c, s: s.fgsm_large_epsilon))
+register(_pn_row(
+    "pgd", "PGD (CleverHans)", _cleverhans_pgd, stream="cleverhans_pgd",
+    label=lambda c, s: f"CleverHans {pgd_text(c).replace(c.loss_func + ', ', 'xent, ')}, "
+                       f"generated on PN"))
+register(_pn_row(
+    "mim", "MIM (CleverHans)", _mim, stream="mim",
+    label=lambda c, s: f"CleverHans MIM-{c.num_steps} (eps {c.epsilon:g}, step "
+                       f"{c.step_size:g}, decay 1.0), generated on PN"))
+register(_pn_row(
+    "cw", "CW-L2", _cw, stream="cw", norm="l2",
+    label=lambda c, s: f"CW-L2 ({s.cw_search_steps} x {s.cw_steps} steps, unbounded L2), "
+                       f"generated on PN"))
+register(_pn_row(
+    "deepfool", "DeepFool", _deepfool, stream="deepfool", norm="l2",
+    label=lambda c, s: f"DeepFool ({s.deepfool_iters} iterations, 10 candidates, overshoot "
+                       f"0.02, unbounded L2), generated on PN"))
+register(Row(
+    "shaping", "shaping attack", "shaping", _make_shaping, stream="shaping_attack",
+    label=lambda c, s: f"shaping attack: {pgd_text(c)} through batch statistics, each group "
+                       f"of 1/{s.shaping_groups} of the batch attacked beside the other "
+                       f"clean test images"))
+register(Row(
+    "adaptive", "adaptive PGD", "own", lambda suite, mode: suite.pgd_through(mode),
+    stream="suite_pgd",
+    label=lambda c, s: f"{pgd_text(c)} through the column's own forward (PN: white-box; BN: "
+                       f"the test batch's statistics; BN+Shaping: the very references the "
+                       f"defense uses, the exact adaptive attack)"))
+register(Row(
+    "adaptive_other", "adaptive PGD, attacker's own references", "own",
+    lambda suite, mode: suite.pgd_through(mode, other=True), stream="suite_pgd",
+    modes=("shaped",),
+    label=lambda c, s: f"{pgd_text(c)} through BN+Shaping with the attacker's own reference "
+                       f"draw (the paper's 'slightly weaker' adaptive attack)"))
+register(Row(
+    "eot", "EOT-PGD over reference draws", "own", _make_eot, stream="eot", modes=("shaped",),
+    label=lambda c, s: f"EOT-{pgd_text(c)} through BN+Shaping, each gradient averaged over "
+                       f"{s.eot_samples} reference draws"))
+register(Row(
+    "autoattack", "AutoAttack-style (APGD-CE, APGD-T, Square)", "own", _make_autoattack,
+    stream="autoattack", judged_by_attack=True,
+    label=lambda c, s: f"APGD-CE and APGD-T ({s.apgd_steps} steps each; {s.apgd_targets} "
+                       f"target class{'es' if s.apgd_targets > 1 else ''}), Square "
+                       f"({s.square_queries} queries), eps {c.epsilon:g}, through the "
+                       f"column's own forward on fixed batches (per image worst case; no "
+                       f"FAB-T)"))

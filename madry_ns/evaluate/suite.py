@@ -1,0 +1,463 @@
+"""The suite itself: settings, the compiled forwards and attacks of one model, the main loop.
+
+Columns are inference modes of `madry_ns.inference` (the suite's column keys 'bn', 'pn',
+'shaped' name the registry's 'batch', 'population', 'shaped'); rows come from
+`madry_ns.evaluate.rows`; seeds from `madry_ns.seeds`. TensorFlow is imported when a `Suite`
+is built, so settings can be checked (and `--help` shown) in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from madry_ns import inference, seeds
+from madry_ns.errors import ConfigError
+from madry_ns.evaluate import rows as rows_lib
+from madry_ns.evaluate.rows import COLUMNS, ROW
+
+MODES = COLUMNS
+INT_SETTINGS = ("eot_samples", "cw_steps", "cw_search_steps", "deepfool_iters", "apgd_steps",
+                 "apgd_targets", "square_queries", "shaping_groups", "sanity_step_factor",
+                 "sanity_restarts")
+# How the suite seeds a shaped column's references, in its column label.
+_SHAPED_SEEDING = "the defense's references for batch i drawn from seed (inference_seed, i)"
+
+
+def _all_rows() -> tuple:
+    return tuple(ROW)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the suite runs besides the config's PGD (epsilon, steps, step size, loss)."""
+
+    attacks: tuple = dataclasses.field(default_factory=_all_rows)
+    modes: tuple = MODES
+    fgsm_large_epsilon: float = 16.0
+    shaping_groups: int = 4  # 3 clean test images : 1 attacked
+    eot_samples: int = 10
+    cw_steps: int = 1000
+    cw_search_steps: int = 5
+    deepfool_iters: int = 50
+    apgd_steps: int = 100
+    apgd_targets: int = 9
+    square_queries: int = 5000
+    sanity: bool = True
+    sanity_step_factor: int = 5
+    sanity_restarts: int = 3
+
+    def __post_init__(self):
+        for name, allowed in (("attacks", ROW), ("modes", rows_lib.columns())):
+            values = getattr(self, name)
+            unknown = [v for v in values if v not in allowed]
+            if unknown or not values:
+                raise ConfigError(f"--{name} {','.join(values)}: expected a comma-separated "
+                                  f"list among {', '.join(allowed)}")
+        for name in INT_SETTINGS:
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ConfigError(f"--{name} {value}: expected a positive integer")
+        if self.shaping_groups < 2:
+            raise ConfigError(f"--shaping_groups {self.shaping_groups}: the shaping attack "
+                              f"needs at least 2 groups (clean company for each attacked one)")
+        if not self.fgsm_large_epsilon > 0:
+            raise ConfigError(f"--fgsm_large_epsilon {self.fgsm_large_epsilon}: expected a "
+                              f"positive number (0-255 scale)")
+
+
+def mode_of(column: str) -> inference.Mode:
+    """The inference mode of a suite column."""
+    return inference.get(column)
+
+
+def check_modes(config, modes) -> None:
+    """Raise ConfigError when the config cannot run a column (RNA, shaped batch split)."""
+    if config.norm_layer == "rna":
+        raise ConfigError("norm_layer 'rna': random-path models are evaluated by "
+                          "`python rna_eval.py` (protocols (a)-(d)); this suite is for BN models")
+    for m in modes:
+        error = mode_of(m).check(config)
+        if error:
+            raise ConfigError(error)
+
+
+def column_label(config, mode: str) -> str:
+    """How a column classifies."""
+    return mode_of(mode).label(config, _SHAPED_SEEDING)
+
+
+def column_short(config, mode: str) -> str:
+    return mode_of(mode).short(config)
+
+
+def row_label(config, settings: Settings, key: str) -> str:
+    """How a row's examples are generated, in full."""
+    return ROW[key].label(config, settings)
+
+
+def row_epsilon(config, settings: Settings, key: str) -> float | None:
+    """The L-inf budget of a row (None for unbounded L2 attacks)."""
+    return ROW[key].budget(config, settings)
+
+
+# ------------------------------------------------------------------------------------------
+# The forwards and the attacks
+
+
+class Suite:
+    """The compiled forwards and attacks of one model under one config."""
+
+    def __init__(self, model, config, dataset, settings: Settings):
+        import tensorflow as tf
+
+        from madry_ns import attacks, autoattack
+
+        self.tf, self.model, self.config, self.settings = tf, model, config, settings
+        # Shaped columns always draw fresh references, from (inference_seed, batch index).
+        fresh = config.replace(inference_references="fresh")
+        self._forwards = {m: inference.forward(model, fresh, dataset, mode_of(m).key)
+                          for m in settings.modes}
+        self._classify = {m: tf.function(self.forward(m)) for m in settings.modes}
+        self._compiled: dict = {}
+        self.attacks, self.autoattack = attacks, autoattack
+
+    def forward(self, mode: str, other: bool = False) -> Callable:
+        """`fn(x, i, draw=None) -> logits`: the column's forward for batch i, drawing what it
+        draws from the defense's seed for batch i (`other`: the attacker's own draw; `draw`:
+        an explicit seed, for EOT)."""
+        built = self._forwards.get(mode)
+        if built is None:  # a column outside settings.modes: the PN transfer source
+            built = inference.forward(self.model, self.config, None, mode_of(mode).key)
+            self._forwards[mode] = built
+        config = self.config
+
+        def fn(x, i, draw=None):
+            if draw is None:
+                draw = seeds.reference_draw(config, i)
+                if other:
+                    draw = seeds.attacker_draw(draw)
+            return built.classify(x, draw)
+        return fn
+
+    def classify(self, mode: str, x, i: int):
+        """Predicted labels of x (batch i) under a column."""
+        tf = self.tf
+        logits = self._classify[mode](tf.convert_to_tensor(x, tf.float32),
+                                      tf.constant(i, tf.int64))
+        return np.argmax(logits.numpy(), 1)
+
+    def pgd_through(self, mode: str, *, other=False, epsilon=None, num_steps=None,
+                    step_size=None, restart: int = 0):
+        """Compiled `fn(x, y, i) -> x_adv`: the config's PGD through a column's forward."""
+        c = self.config
+        params = dict(epsilon=float(epsilon or c.epsilon), num_steps=int(num_steps or c.num_steps),
+                      step_size=float(step_size or c.step_size), random_start=c.random_start)
+        key = ("pgd", mode, other, tuple(params.values()), restart)
+        if key not in self._compiled:
+            fwd = self.forward(mode, other)
+            loss = self.attacks.LOSSES[c.loss_func]
+
+            @self.tf.function
+            def run(x, y, i):
+                return self.attacks.pgd(
+                    lambda z: self.tf.reduce_sum(loss(fwd(z, i), y)), x,
+                    seed=seeds.row_start(c, "suite_pgd", i, restart), **params)
+            self._compiled[key] = run
+        return self._compiled[key]
+
+    def generator(self, key: str, mode: str | None) -> Callable:
+        """Compiled `fn(x, y, i) -> x_adv` of row `key` (for 'own' rows, through `mode`)."""
+        cache = (key, mode)
+        if cache not in self._compiled:
+            fn = ROW[key].make(self, mode)
+            if not hasattr(fn, "get_concrete_function"):  # already compiled (adaptive PGD)
+                fn = self.tf.function(fn)
+            self._compiled[cache] = fn
+        return self._compiled[cache]
+
+    def shaping_attack(self, x, y, seed):
+        """Each of `shaping_groups` groups attacked by PGD through batch statistics beside
+        the rest of the (clean) batch; the loss is summed over the whole batch (paper Eq. 5).
+        The moving statistics are never touched (`batch_frozen`)."""
+        tf, c = self.tf, self.config
+        n = int(x.shape[0])
+        size = -(-n // self.settings.shaping_groups)
+        loss = self.attacks.LOSSES[c.loss_func]
+        out = []
+        for g, lo in enumerate(range(0, n, size)):
+            hi = min(lo + size, n)
+            x_clean = tf.concat([x[:lo], x[hi:]], 0)
+            y_all = tf.concat([y[:lo], y[hi:], y[lo:hi]], 0)
+
+            def loss_fn(z, x_clean=x_clean, y_all=y_all):
+                logits = self.model(tf.concat([x_clean, z], 0), bn_mode="batch_frozen")
+                return tf.reduce_sum(loss(logits, y_all))
+
+            out.append(self.attacks.pgd(
+                loss_fn, x[lo:hi], epsilon=c.epsilon, num_steps=c.num_steps,
+                step_size=c.step_size, random_start=c.random_start,
+                # A Python int folds as int32, unlike `seeds.fold` (int64): kept as recorded.
+                seed=tf.random.experimental.stateless_fold_in(seed, g)))
+        return tf.concat(out, 0)
+
+
+def batches(dataset, config) -> list:
+    """The suite's test batches: the first num_eval_examples images, eval_batch_size each."""
+    from madry_ns import data
+
+    return list(data.eval_batches(dataset.test_images, dataset.test_labels,
+                                  config.num_eval_examples, config.eval_batch_size))
+
+
+def pgd_accuracy(suite: Suite, test_batches, mode: str, **params) -> np.ndarray:
+    """Per image: classified correctly by `mode` after the config's PGD through it."""
+    fn = suite.pgd_through(mode, **params)
+    tf = suite.tf
+    hits = []
+    for i, (x, y) in enumerate(test_batches):
+        adv = fn(tf.constant(x), tf.constant(y, tf.int64), tf.constant(i, tf.int64))
+        hits.append(suite.classify(mode, adv, i) == y)
+    return np.concatenate(hits)
+
+
+# ------------------------------------------------------------------------------------------
+# The table
+
+
+def run_suite(model, dataset, config, settings: Settings | None = None, out=print,
+              on_row: Callable[[dict, dict], None] | None = None,
+              previous=None) -> dict:
+    """Run the suite on the first `num_eval_examples` test images in batches of
+    `eval_batch_size`; returns the `results.json` content (without checkpoint details).
+
+    `on_row`, if given, receives the results so far and the per-image arrays (`per_image`)
+    after each attack (marked `incomplete`, with the attacks still to run) and once at the
+    end, so an evaluation stopped after hours keeps its rows. `previous` (a
+    `resume.ResumeState`) holds rows of an earlier run with the same settings: those attacks
+    are not run again, after checking that the clean predictions are the same image by
+    image."""
+    from madry_ns.evaluate import resume, sanity
+    from madry_ns.progress import Progress
+
+    settings = settings or Settings()
+    check_modes(config, settings.modes)
+    suite = Suite(model, config, dataset, settings)
+    test_batches = batches(dataset, config)
+    y_all = np.concatenate([y for _, y in test_batches])
+    n = len(y_all)
+    modes = settings.modes
+    correct: dict = {}  # (row, mode) -> [n] bool
+    done, total_start = [], time.perf_counter()
+
+    def classify_all(x_list, mode):
+        return np.concatenate([suite.classify(mode, x, i) for i, x in enumerate(x_list)]) == y_all
+
+    clean = {m: classify_all([x for x, _ in test_batches], m) for m in modes}
+    reused = resume.reusable_rows(previous, y_all, clean) if previous else {}
+
+    def summary():
+        return _summary(config, settings, dataset, modes, n, clean, correct, done)
+
+    def arrays():
+        return per_image(y_all, clean, correct)
+
+    out("clean: " + "  ".join(f"{column_short(config, m)} {100 * clean[m].mean():.2f}%"
+                              for m in modes))
+    for position, key in enumerate(settings.attacks):
+        row = ROW[key]
+        cols = [m for m in modes if row.has_cell(m)]
+        if not cols:
+            continue
+        if key in reused:  # the resume state kept only rows with every column's outcomes
+            done.append(reused[key])
+            correct.update({(key, m): previous["correct"][(key, m)] for m in cols})
+            out(_row_line(config, key, reused[key]["accuracy"], "from --resume"))
+            continue
+        start = time.perf_counter()
+        own = row.generation == "own"
+        bar = Progress(len(test_batches) * (len(cols) if own else 1), key)
+        cells, distances = {}, []
+        for gen in (cols if own else [None]):
+            fn = suite.generator(key, gen)
+            x_adv, robust = [], []
+            for i, (x, y) in enumerate(test_batches):
+                tf = suite.tf
+                adv = fn(tf.constant(x), tf.constant(y, tf.int64), tf.constant(i, tf.int64))
+                if row.judged_by_attack:
+                    adv, hit = adv
+                    robust.append(hit.numpy())
+                x_adv.append(adv.numpy())
+                bar.update()
+            distances.append(_distances(x_adv, test_batches, n))
+            for m in (cols if gen is None else [gen]):
+                correct[(key, m)] = np.concatenate(robust) if robust else classify_all(x_adv, m)
+                cells[m] = float(correct[(key, m)].mean())
+        bar.close()
+        seconds = time.perf_counter() - start
+        done.append({"key": key, "attack": row.name, "generation": row.label(config, settings),
+                     "threat_model": row.norm, "epsilon": row.budget(config, settings),
+                     "accuracy": cells, "perturbation": distances[0] if len(distances) == 1
+                     else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
+        out(_row_line(config, key, cells, f"{seconds:.1f} s"))
+        pending = list(settings.attacks[position + 1:])
+        if on_row is not None and pending:
+            on_row({**summary(), "incomplete": {"pending_attacks": pending,
+                                                "sanity_pending": settings.sanity}}, arrays())
+
+    result = summary()
+    if reused:
+        result["resumed_rows"] = [r["key"] for r in done if r["key"] in reused]
+    if settings.sanity:
+        if previous and previous["sanity"] and not reused.keys() ^ {r["key"] for r in done}:
+            result["sanity"] = previous["sanity"]  # made from these very rows
+            out("sanity checks: from --resume")
+        else:
+            if on_row is not None:
+                on_row({**result, "incomplete": {"pending_attacks": [],
+                                                 "sanity_pending": True}}, arrays())
+            result["sanity"] = sanity.sanity_checks(suite, dataset, config, settings, result,
+                                                    correct, out=out)
+    result["seconds"] = round(time.perf_counter() - total_start, 2)
+    if on_row is not None:
+        on_row(result, arrays())
+    return result
+
+
+def _distances(x_adv: list, test_batches: list, n: int) -> dict:
+    """How far a row's examples moved (0-255 scale)."""
+    d = np.concatenate([a - x for a, (x, _) in zip(x_adv, test_batches)]).reshape(n, -1)
+    l2 = np.sqrt((d ** 2).sum(1))
+    # CW returns the clean image where it found nothing: the median over all images would
+    # then read 0, so the perturbed images are counted apart.
+    moved = l2 > 0
+    return {"linf_max": float(np.abs(d).max()), "l2_median": float(np.median(l2)),
+            "perturbed": float(moved.mean()),
+            "l2_median_perturbed": float(np.median(l2[moved])) if moved.any() else None,
+            "pixel_min": float(min(a.min() for a in x_adv)),
+            "pixel_max": float(max(a.max() for a in x_adv))}
+
+
+def _row_line(config, key: str, cells: dict, note: str) -> str:
+    """The console line of one finished (or carried-over) row."""
+    return f"{key}: " + "  ".join(f"{column_short(config, m)} {100 * v:.2f}%"
+                                  for m, v in cells.items()) + f"   ({note})"
+
+
+def per_image(labels, clean: dict, correct: dict) -> dict:
+    """The per-image outcomes as flat arrays for `per_image.npz`: `labels`, `clean__MODE`
+    and `ROW__MODE` (True where the image is classified correctly)."""
+    arrays = {"labels": np.asarray(labels, np.int64)}
+    arrays.update({f"clean__{m}": np.asarray(v, bool) for m, v in clean.items()})
+    arrays.update({f"{k}__{m}": np.asarray(v, bool) for (k, m), v in correct.items()})
+    return arrays
+
+
+def worst_case(config, settings: Settings, modes, clean: dict, correct: dict) -> dict:
+    """Per column: an image counts as robust only if it is right clean and under every L-inf
+    attack within the config's epsilon that has run."""
+    worst = {}
+    for m in modes:
+        within = []
+        for k in settings.attacks:
+            budget = ROW[k].budget(config, settings) if (k, m) in correct else None
+            if budget is not None and budget <= config.epsilon:
+                within.append(k)
+        robust = clean[m].copy()
+        for k in within:
+            robust &= correct[(k, m)]
+        single = {k: float(correct[(k, m)].mean()) for k in within}
+        worst[m] = {"per_image": float(robust.mean()), "attacks": within,
+                    "weakest_single_attack": min(single, key=single.get) if single else None,
+                    "single_min": min(single.values()) if single else None}
+    return worst
+
+
+def _summary(config, settings: Settings, dataset, modes, n, clean, correct, done) -> dict:
+    return {
+        **identity(config, settings, dataset, n),
+        "clean": {m: float(clean[m].mean()) for m in modes},
+        "rows": list(done), "worst_case": worst_case(config, settings, modes, clean, correct),
+    }
+
+
+def identity(config, settings: Settings, dataset, n: int) -> dict:
+    """What makes two evaluations the same experiment (compared by --resume)."""
+    return {
+        "num_examples": n, "model": config.model, "dataset": dataset.source,
+        "columns": {m: column_label(config, m) for m in settings.modes},
+        "settings": {**dataclasses.asdict(settings), "epsilon": config.epsilon,
+                     "num_steps": config.num_steps, "step_size": config.step_size,
+                     "random_start": config.random_start, "loss_func": config.loss_func,
+                     "eval_batch_size": config.eval_batch_size,
+                     "inference_ratio": config.inference_ratio,
+                     "inference_mixing": config.inference_mixing,
+                     "inference_seed": config.inference_seed,
+                     "np_random_seed": config.np_random_seed},
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# A checkpoint in, files out
+
+
+def load_checkpoint(config, path: str | None):
+    """(resolved path, model) of `path` (default: the latest checkpoint in model_dir)."""
+    from madry_ns import checkpoints
+    from madry_ns.challenge import load_checkpoint_model
+
+    path = path or checkpoints.latest_checkpoint(config.model_dir)
+    if path is None:
+        raise checkpoints.CheckpointError(
+            f"no checkpoint in model_dir '{config.model_dir}' to evaluate")
+    path = checkpoints.resolve(path)
+    return path, load_checkpoint_model(config, path)
+
+
+def run(config, settings: Settings, checkpoint: str | None = None,
+        output: str | None = None, command: str = "", out=print,
+        resume: bool = False) -> dict:
+    """Evaluate a checkpoint (default: the latest in model_dir) and write the results;
+    with `resume`, rows already in `output` (same checkpoint and settings) are kept."""
+    from madry_ns import checkpoints, data
+    from madry_ns.evaluate import reports
+    from madry_ns.evaluate.resume import ResumeState
+
+    check_modes(config, settings.modes)
+    dataset = data.load_dataset(config)
+    path, model = load_checkpoint(config, checkpoint)
+    step = checkpoints.checkpoint_step(path)
+    output = output or os.path.join(config.model_dir, "eval", f"suite-{step}")
+    previous = None
+    if resume:
+        n = sum(len(y) for _, y in batches(dataset, config))
+        previous = ResumeState.load(output, {**identity(config, settings, dataset, n),
+                                             "checkpoint": path})
+        out(f"--resume: {len(previous['rows'])} rows from {previous['path']}" if previous
+            else f"--resume: nothing in {output} yet, starting afresh")
+        if previous and previous.already_done(settings):
+            out(f"--resume: {output} already holds every row asked for"
+                f"{' and the sanity checks' if settings.sanity else ''}; nothing to run, "
+                f"its files are left as they are")
+            return previous["saved"]
+    out(f"checkpoint {path} (step {step}), first {config.num_eval_examples} test images of "
+        f"{dataset.source}")
+    header = {"checkpoint": path, "step": step, "command": command,
+              "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    result = {**header, **run_suite(
+        model, dataset, config, settings, out=out, previous=previous,
+        on_row=lambda partial, arrays: reports.write_results({**header, **partial}, output,
+                                                             arrays))}
+    out(reports.markdown(result))
+    out(f"wrote {output}/results.md and results.json")
+    return result
+
+
+__all__ = ["MODES", "Settings", "Suite", "batches", "check_modes", "column_label",
+           "column_short", "identity", "load_checkpoint", "per_image", "pgd_accuracy",
+           "row_label", "row_epsilon", "run", "run_suite", "worst_case"]
