@@ -191,32 +191,7 @@ def test_tfds_offline_fails_fast_with_instructions(tmp_path):
     assert "download_and_prepare" in message and '"dataset": "digits"' in message
 
 
-def mock_tfds_cifar10(num_examples, seed=0):
-    """tfds.testing.mock_data whose examples carry tfds cifar10's ids ("test_00042"), in a
-    shuffled storage order, random images and labels; `.images[split]` etc. hold them in
-    index order. (tfds' own mock draws random strings as ids.)"""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    rng = np.random.default_rng(seed)
-    images = {s: rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8)
-              for s in ("train", "test")}
-    labels = {s: rng.integers(0, 10, num_examples) for s in ("train", "test")}
-    storage = {s: rng.permutation(num_examples) for s in ("train", "test")}
-
-    def as_dataset(self, split, **kwargs):
-        name = str(split)
-        order = storage[name]
-        return tf.data.Dataset.from_tensor_slices({
-            "id": [f"{name}_{i:05d}".encode() for i in order],
-            "image": images[name][order], "label": labels[name][order]})
-
-    mock = tfds.testing.mock_data(as_dataset_fn=as_dataset)
-    mock.images, mock.labels, mock.storage = images, labels, storage
-    return mock
-
-
-def test_tfds_success_path_with_mock_data():
+def test_tfds_success_path_with_mock_data(mock_tfds_cifar10):
     with mock_tfds_cifar10(num_examples=12):
         ds = data.load_tfds_cifar10()
     assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.uint8
