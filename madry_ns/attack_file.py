@@ -4,9 +4,10 @@ Madry's `run_attack.py` accepts an attack when the array has shape (10000, 32, 3
 every pixel lies in [0, 255] and no pixel moved more than epsilon from the clean test image,
 each with a tolerance of 1e-4, and answers a failed check with one line in his words. The
 checks here are the same, in the same order and words, with the expected shape following
-`num_eval_examples`. Beyond Madry: the file is loaded without unpickling (a pickled or
-object array is refused, as unpickling can run code), a missing file is a message rather
-than a traceback, non-numeric arrays are refused, and NaN or infinite pixels are refused
+`num_eval_examples` and the dataset's image shape (32x32x3 for CIFAR-10, as Madry's). Beyond
+Madry: the file is loaded without unpickling (a pickled or object array is refused, as
+unpickling can run code), a missing file is a message rather than a traceback, non-numeric
+arrays are refused, and NaN or infinite pixels are refused
 (Madry's range check lets NaN through, because comparisons with NaN are false; his MNIST
 script did check for NaN). Integer and float arrays of any width are accepted, as Madry's.
 
@@ -69,13 +70,19 @@ def load(path: str) -> np.ndarray:
     return loaded
 
 
-def expected_shape(num_examples: int) -> tuple:
-    return (num_examples, 32, 32, 3)
+CIFAR10_SHAPE = (32, 32, 3)
 
 
-def check_array(x_adv: np.ndarray, num_examples: int) -> None:
+def expected_shape(num_examples: int, image_shape: tuple = CIFAR10_SHAPE) -> tuple:
+    """(num_examples, H, W, C): the first num_examples test images of a dataset whose images
+    are `image_shape` (Madry's (10000, 32, 32, 3) for CIFAR-10's defaults)."""
+    return (num_examples, *tuple(image_shape))
+
+
+def check_array(x_adv: np.ndarray, num_examples: int,
+                image_shape: tuple = CIFAR10_SHAPE) -> None:
     """Madry's shape and pixel-range checks, in his words, plus dtype and NaN/inf checks."""
-    shape = expected_shape(num_examples)
+    shape = expected_shape(num_examples, image_shape)
     if x_adv.shape != shape:
         raise AttackFileError(f"Invalid shape: expected {shape}, found {x_adv.shape}")
     if x_adv.dtype.kind not in "iuf":
@@ -111,5 +118,5 @@ def check_perturbation(x_adv: np.ndarray, x_nat: np.ndarray, epsilon: float) -> 
 def validate(x_adv: np.ndarray, x_nat: np.ndarray, epsilon: float) -> float:
     """Every check run_attack.py makes on an array, for the clean images `x_nat` (uint8,
     the first num_eval_examples test images); returns the maximum perturbation."""
-    check_array(x_adv, len(x_nat))
+    check_array(x_adv, len(x_nat), x_nat.shape[1:])
     return check_perturbation(x_adv, x_nat, epsilon)

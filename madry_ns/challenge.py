@@ -34,7 +34,7 @@ def load_checkpoint_model(config, path: str):
 def write_attack_file(config, out=print) -> str:
     """`python pgd_attack.py`: PGD examples of the first `num_eval_examples` test images,
     against the latest checkpoint in model_dir, saved atomically to `store_adv_path`
-    (float64, (num_eval_examples, 32, 32, 3), 0-255, test order). Returns the file written."""
+    (float64, (num_eval_examples, H, W, C), 0-255, test order). Returns the file written."""
     checkpoint = checkpoints.latest_checkpoint(config.model_dir)
     if checkpoint is None:
         raise CheckpointError(f"No model found: no checkpoint in model_dir "
@@ -73,7 +73,7 @@ def run_attack(config, out=print, pred_path: str = PRED_PATH) -> dict:
     if checkpoint is None:
         raise CheckpointError(f"No checkpoint found in model_dir '{config.model_dir}' (its "
                               f"'checkpoint' state file names none)")
-    attack_file.check_array(x_adv, config.num_eval_examples)
+    attack_file.check_array(x_adv, config.num_eval_examples, data.image_shape(config))
     dataset = data.load_dataset(config)
     n = config.num_eval_examples
     if n > len(dataset.test_images):

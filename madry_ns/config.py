@@ -17,10 +17,10 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
+from madry_ns import data
 from madry_ns.errors import ConfigError
 
 MODELS = ("madry_wrn", "resnet20", "resnet18", "wrn34")
-DATASETS = ("cifar10", "digits")
 TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
 BN_MODES = ("population", "batch_update", "batch_frozen")
@@ -114,7 +114,8 @@ class Config:
     model_dir: str = _key("models/a_very_robust_model",
                           "Checkpoints, TensorBoard events and the config copy go here", madry=True)
     data_path: str = _key("cifar10_data", "Folder with CIFAR-10 python pickles (Madry's layout); "
-                          "if absent, tensorflow_datasets' cifar10 is used", madry=True)
+                          "if absent, tensorflow_datasets' cifar10 is used. Also the folder of "
+                          "CIFAR-100's pickles or the (Fashion-)MNIST IDX files", madry=True)
     tf_random_seed: int = _key(451760341, "Seed for initializers and augmentation", madry=True)
     np_random_seed: int = _key(216105420, "Seed for data order and PGD random starts", madry=True)
     max_num_training_steps: int = _key(80000, "Training steps (updates)", _positive, madry=True)
@@ -171,8 +172,14 @@ class Config:
         "every forward; the PGD attacker draws its own path: the paper's protocol) or 'fixed' "
         "(one seeded path, from inference_seed, for attack and classification)",
         _one_of("fresh", "fixed"))
-    dataset: str = _key("cifar10", "'cifar10' or 'digits' (scikit-learn's bundled handwritten "
-                        "digits as 32x32x3, offline)", _one_of(*DATASETS))
+    dataset: str = _key(
+        "cifar10", "The data (`madry_ns.data.REGISTRY`): " + "; ".join(
+            f"'{s.name}' ({s.doc})" for s in data.REGISTRY.values()) + "; or "
+        f"'{data.TFDS_PREFIX}<name>', any image-classification dataset of tensorflow_datasets "
+        f"(e.g. '{data.TFDS_PREFIX}svhn_cropped')", data.name_error)
+    tfds_download: bool = _key(
+        False, "Let tensorflow_datasets download and prepare a missing dataset (needs network); "
+        "false: a missing one is an error at once, with instructions")
     augmentation: str = _key("madry", "Training augmentation: 'madry' (zero-pad to 36, random "
                              "32x32 crop, random flip), 'crop' (no flip), 'pad4_flip' (PyTorch's "
                              "RandomCrop(32, padding=4) + flip: RNA, TRADES) or 'none'",

@@ -104,6 +104,31 @@ def make_madry_pickles(path, n_train_per_batch: int = 8, n_test: int = 8, protoc
             "test_labels": test_y}
 
 
+def make_mock_tfds_cifar10(num_examples, seed=0):
+    """tfds.testing.mock_data whose examples carry tfds cifar10's ids ("test_00042"), in a
+    shuffled storage order, random images and labels; `.images[split]` etc. hold them in
+    index order. (tfds' own mock draws random strings as ids.)"""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(seed)
+    images = {s: rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8)
+              for s in ("train", "test")}
+    labels = {s: rng.integers(0, 10, num_examples) for s in ("train", "test")}
+    storage = {s: rng.permutation(num_examples) for s in ("train", "test")}
+
+    def as_dataset(self, split, **kwargs):
+        name = str(split)
+        order = storage[name]
+        return tf.data.Dataset.from_tensor_slices({
+            "id": [f"{name}_{i:05d}".encode() for i in order],
+            "image": images[name][order], "label": labels[name][order]})
+
+    mock = tfds.testing.mock_data(as_dataset_fn=as_dataset)
+    mock.images, mock.labels, mock.storage = images, labels, storage
+    return mock
+
+
 def make_tiny_config(tmp_path, **overrides):
     """A validated Config for seconds-long runs: digits, narrow WRN, batch 8, PGD-2."""
     from madry_ns import config as config_lib
@@ -128,6 +153,13 @@ def madry_pickles():
 def write_pickle():
     """`write_pickle(obj, path, protocol)`; protocol "py2" imitates Python 2's files."""
     return dump_pickle
+
+
+@pytest.fixture(scope="session")
+def mock_tfds_cifar10():
+    """`mock_tfds_cifar10(num_examples, seed=0)` -> a tfds mock_data context (see
+    `make_mock_tfds_cifar10`)."""
+    return make_mock_tfds_cifar10
 
 
 @pytest.fixture(scope="session")

@@ -170,7 +170,7 @@ def test_wrong_type_names_key_value_and_expectation(tmp_path, key, value, expect
     ("weight_decay", -0.0002, "a value >= 0"),
     ("loss_func", "l2", "one of 'xent', 'cw'"),
     ("model", "wrn", "one of"),
-    ("dataset", "mnist", "one of"),
+    ("dataset", "svhn", "one of"),
     ("training_method", "pgd", "one of"),
     ("train_attack_bn_mode", "train", "one of"),
     ("augmentation", "flip", "one of"),

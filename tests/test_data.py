@@ -191,10 +191,8 @@ def test_tfds_offline_fails_fast_with_instructions(tmp_path):
     assert "download_and_prepare" in message and '"dataset": "digits"' in message
 
 
-def test_tfds_success_path_with_mock_data():
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=12):
+def test_tfds_success_path_with_mock_data(mock_tfds_cifar10):
+    with mock_tfds_cifar10(num_examples=12):
         ds = data.load_tfds_cifar10()
     assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.uint8
     assert ds.test_images.shape == (12, 32, 32, 3) and ds.test_images.dtype == np.uint8
