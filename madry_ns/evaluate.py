@@ -298,10 +298,10 @@ class Suite:
                     return A.mim(on_pn, x, y, epsilon=float(c.epsilon), num_steps=c.num_steps,
                                  step_size=float(c.step_size))
                 if key == "cw":
-                    return A.carlini_wagner_l2(on_pn, x, y, max_iterations=s.cw_steps,
+                    return A.carlini_wagner_l2(on_pn, x, y, num_steps=s.cw_steps,
                                                binary_search_steps=s.cw_search_steps)
                 if key == "deepfool":
-                    return A.deepfool(on_pn, x, y, max_iter=s.deepfool_iters)
+                    return A.deepfool(on_pn, x, y, num_steps=s.deepfool_iters)
                 if key == "shaping":
                     return self._shaping_attack(x, y, seed)
                 if key == "eot":
@@ -318,7 +318,7 @@ class Suite:
                     result = self.autoattack.autoattack_style(
                         lambda z: fwd(z, i), x, y, epsilon=float(c.epsilon),
                         num_steps=s.apgd_steps, num_targets=s.apgd_targets,
-                        num_queries=s.square_queries, seed=seed)
+                        square_num_steps=s.square_queries, seed=seed)
                     return result["x_adv"], result["robust"]
                 raise AssertionError(key)
             fn = tf.function(attack)
