@@ -56,8 +56,15 @@ def test_old_attacks_names_resolve_to_the_package_definitions(name):
 def test_old_autoattack_names_are_the_packages(name):
     assert getattr(autoattack, name) is getattr(attacks, name)
     assert name in autoattack.__all__
-    from madry_ns.autoattack import apgd  # the `from` form of the old import
-    assert apgd is attacks.apgd
+
+
+def test_old_import_statements_still_work():
+    from madry_ns.attacks import pgd, xent_loss
+    from madry_ns.autoattack import apgd, autoattack_style
+
+    assert (pgd, xent_loss) == (attacks.pgd, attacks.xent_loss)
+    assert (apgd, autoattack_style) == (attacks.apgd, attacks.autoattack_style)
+    assert isinstance(pgd, types.FunctionType)  # the function, not a module
 
 
 def test_every_public_function_is_re_exported_and_no_module_is_shadowed():

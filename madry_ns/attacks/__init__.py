@@ -45,14 +45,14 @@ from madry_ns.attacks.madry_pgd import compile_pgd, config_params, linf_ascent, 
 from madry_ns.attacks.square_attack import SQUARE_P_HALVINGS, square, square_p
 from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_epsilon,
                                     check_linf, check_params, compile_attack, fold_seed,
-                                    labels, linf_box, per_image)
+                                    int64_labels, linf_box, per_image)
 
 __all__ = [
     "APGD_LOSSES", "ATTACKS", "LOSSES", "PIXEL_MAX", "PIXEL_MIN", "SQUARE_P_HALVINGS", "apgd",
     "apgd_single_run", "apgd_targeted", "autoattack_style", "carlini_wagner_l2",
     "check_count", "check_epsilon", "check_linf", "check_params", "cleverhans_patched",
     "cleverhans_pgd", "compile_attack", "compile_pgd", "config_params", "cw_loss", "deepfool",
-    "dlr_loss", "dlr_loss_targeted", "eot_pgd", "fgsm", "fold_seed", "get_loss", "labels",
-    "linf_ascent", "linf_box", "mim", "per_image", "pgd", "pgd_attack", "square", "square_p",
-    "xent_loss",
+    "dlr_loss", "dlr_loss_targeted", "eot_pgd", "fgsm", "fold_seed", "get_loss",
+    "int64_labels", "linf_ascent", "linf_box", "mim", "per_image", "pgd", "pgd_attack",
+    "square", "square_p", "xent_loss",
 ]

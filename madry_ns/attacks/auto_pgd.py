@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from madry_ns.attacks.losses import dlr_loss_targeted, get_loss
 from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_linf, fold_seed,
-                                    labels, linf_box, per_image)
+                                    int64_labels, linf_box, per_image)
 
 # The losses `apgd(loss=...)` accepts: AutoAttack's APGD-CE and APGD-DLR.
 APGD_LOSSES = ("xent", "dlr")
@@ -71,7 +71,7 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
     t_max = tf.reduce_max(tf.abs(t), axis=axes, keepdims=True)
     x_adv = tf.clip_by_value(x + epsilon * t / (t_max + 1e-12), PIXEL_MIN, PIXEL_MAX)
     logits, loss, grad = loss_and_grad(x_adv, 0)
-    robust = tf.equal(tf.argmax(logits, 1), labels(y))
+    robust = tf.equal(tf.argmax(logits, 1), int64_labels(y))
     batch = tf.shape(x)[0]
     state = dict(
         i=tf.constant(0), x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad,
@@ -90,7 +90,7 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
         z = tf.clip_by_value(x_adv + step * tf.sign(s["grad"]), lower, upper)
         x_new = tf.clip_by_value(x_adv + (z - x_adv) * a + momentum * (1.0 - a), lower, upper)
         logits, loss, grad = loss_and_grad(x_new, i + 1)
-        wrong = tf.not_equal(tf.argmax(logits, 1), labels(y))
+        wrong = tf.not_equal(tf.argmax(logits, 1), int64_labels(y))
         robust = tf.logical_and(s["robust"], tf.logical_not(wrong))
         x_best_adv = tf.where(per_image(wrong, x), x_new, s["x_best_adv"])
         loss_steps = tf.tensor_scatter_nd_update(s["loss_steps"], [[i]], loss[None])

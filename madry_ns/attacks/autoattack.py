@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from madry_ns.attacks.auto_pgd import apgd, apgd_targeted
 from madry_ns.attacks.square_attack import square
-from madry_ns.attacks.utils import fold_seed, labels, per_image
+from madry_ns.attacks.utils import fold_seed, int64_labels, per_image
 
 # The ensemble's attacks by AutoAttack's published names, in the order `x_adv` prefers them.
 ATTACKS = ("apgd-ce", "apgd-t", "square")
@@ -64,7 +64,7 @@ def autoattack_style(logits_fn: Callable, x, y, *, epsilon: float, num_steps: in
     """
     classify_fn = classify_fn or logits_fn
     x = tf.cast(x, tf.float32)
-    y = labels(y)
+    y = int64_labels(y)
 
     def correct(images):
         return tf.equal(tf.argmax(classify_fn(images), 1), y)

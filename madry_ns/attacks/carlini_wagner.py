@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from madry_ns.attacks.utils import PIXEL_MAX, PIXEL_MIN, check_count, labels, per_image
+from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, int64_labels,
+                                    per_image)
 
 
 def carlini_wagner_l2(logits_fn: Callable, x, y, *, confidence: float = 0.0,
@@ -43,7 +44,7 @@ def carlini_wagner_l2(logits_fn: Callable, x, y, *, confidence: float = 0.0,
     check_count("binary_search_steps", binary_search_steps, 1)
     check_count("num_steps", num_steps, 1)
     x = tf.cast(x, tf.float32)
-    y = labels(y)
+    y = int64_labels(y)
     w0 = tf.atanh(((x - PIXEL_MIN) / (PIXEL_MAX - PIXEL_MIN) * 2.0 - 1.0) * 0.999999)
     x0 = (tf.tanh(w0) + 1.0) / 2.0  # the reference point the distance is measured from
     batch = tf.shape(x)[0]

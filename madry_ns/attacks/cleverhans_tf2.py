@@ -16,7 +16,8 @@ from cleverhans.tf2.attacks import fast_gradient_method as _ch_fgm
 from cleverhans.tf2.attacks import momentum_iterative_method as _ch_mim
 from cleverhans.tf2.attacks import projected_gradient_descent as _ch_pgd
 
-from madry_ns.attacks.utils import PIXEL_MAX, PIXEL_MIN, check_epsilon, check_params, labels
+from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_epsilon, check_params,
+                                    int64_labels)
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def fgsm(logits_fn: Callable, x, y, *, epsilon: float):
     with cleverhans_patched():
         return _ch_fgm.fast_gradient_method(logits_fn, x, float(epsilon), np.inf,
                                             clip_min=PIXEL_MIN, clip_max=PIXEL_MAX,
-                                            y=labels(y), sanity_checks=False)
+                                            y=int64_labels(y), sanity_checks=False)
 
 
 def cleverhans_pgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int,
@@ -83,8 +84,8 @@ def cleverhans_pgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int,
     with cleverhans_patched(seed if random_start else None):
         return _ch_pgd.projected_gradient_descent(
             logits_fn, tf.cast(x, tf.float32), float(epsilon), float(step_size),
-            int(num_steps), np.inf, clip_min=PIXEL_MIN, clip_max=PIXEL_MAX, y=labels(y),
-            rand_init=bool(random_start), sanity_checks=False)
+            int(num_steps), np.inf, clip_min=PIXEL_MIN, clip_max=PIXEL_MAX,
+            y=int64_labels(y), rand_init=bool(random_start), sanity_checks=False)
 
 
 def mim(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int, step_size: float,
@@ -99,5 +100,5 @@ def mim(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int, step_size:
     with cleverhans_patched():
         return _ch_mim.momentum_iterative_method(
             logits_fn, tf.cast(x, tf.float32), float(epsilon), float(step_size),
-            int(num_steps), np.inf, clip_min=PIXEL_MIN, clip_max=PIXEL_MAX, y=labels(y),
-            decay_factor=float(decay_factor), sanity_checks=False)
+            int(num_steps), np.inf, clip_min=PIXEL_MIN, clip_max=PIXEL_MAX,
+            y=int64_labels(y), decay_factor=float(decay_factor), sanity_checks=False)

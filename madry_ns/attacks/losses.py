@@ -10,7 +10,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from madry_ns.attacks.utils import labels
+from madry_ns.attacks.utils import int64_labels
 
 
 def xent_loss(logits, y):
@@ -35,8 +35,8 @@ def dlr_loss(logits, y):
     """Untargeted DLR (Croce & Hein 2020), per example:
     -(z_y - max_{i≠y} z_i) / (z_π1 - z_π3 + 1e-12)."""
     z = tf.sort(logits, axis=1, direction="DESCENDING")
-    z_y = tf.gather(logits, labels(y), batch_dims=1)
-    top_is_y = tf.equal(tf.argmax(logits, 1), labels(y))
+    z_y = tf.gather(logits, int64_labels(y), batch_dims=1)
+    top_is_y = tf.equal(tf.argmax(logits, 1), int64_labels(y))
     best_other = tf.where(top_is_y, z[:, 1], z[:, 0])
     return -(z_y - best_other) / (z[:, 0] - z[:, 2] + 1e-12)
 
@@ -47,8 +47,8 @@ def dlr_loss_targeted(logits, y, target):
     Not in `LOSSES`: it takes the target as a third argument (APGD-T builds it per run).
     """
     z = tf.sort(logits, axis=1, direction="DESCENDING")
-    z_y = tf.gather(logits, labels(y), batch_dims=1)
-    z_t = tf.gather(logits, labels(target), batch_dims=1)
+    z_y = tf.gather(logits, int64_labels(y), batch_dims=1)
+    z_t = tf.gather(logits, int64_labels(target), batch_dims=1)
     return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
 
 

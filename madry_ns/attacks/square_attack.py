@@ -7,7 +7,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_linf, fold_seed, labels,
+from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_linf, fold_seed, int64_labels,
                                     linf_box, per_image)
 
 # Square's p schedule (resc_schedule=False, as AutoAttack's standard version): p is p_init
@@ -39,7 +39,7 @@ def square(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 5000,
     """
     check_linf(epsilon, num_steps)
     x = tf.cast(x, tf.float32)
-    y = labels(y)
+    y = int64_labels(y)
     if x.shape.rank != 4 or None in x.shape[1:]:
         raise ValueError(f"square needs images [batch, height, width, channels] of known "
                          f"size, got shape {x.shape}")

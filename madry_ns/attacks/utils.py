@@ -46,7 +46,7 @@ def linf_box(x, epsilon):
     return tf.maximum(x - epsilon, PIXEL_MIN), tf.minimum(x + epsilon, PIXEL_MAX)
 
 
-def labels(y):
+def int64_labels(y):
     """Integer labels as int64, the dtype `tf.gather` and `tf.argmax` comparisons use."""
     return tf.cast(y, tf.int64)
 
