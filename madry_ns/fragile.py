@@ -10,7 +10,7 @@ evaluates the final checkpoint and caches the result in `<model_dir>/fragile_eva
 (reused while checkpoint and evaluation settings are unchanged). Then it writes to --output:
 
 * `table.md` and `table.json`: clean error on the whole test set, robust error under the
-  AutoAttack-style ensemble (`madry_ns.autoattack.autoattack_style`: APGD-CE, APGD-T,
+  AutoAttack-style ensemble (`madry_ns.attacks.autoattack_style`: APGD-CE, APGD-T,
   Square, per-image worst case) and under PGD on the first N test images, the PGD
   cross-entropy, beside the paper's numbers;
 * `bn_analysis/`: `python -m madry_ns.analysis bn` on NORMAL, ADV and BN PARAMS (those of
@@ -162,7 +162,7 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
     counts as robust only if it survives every attack). Population statistics throughout."""
     import tensorflow as tf
 
-    from madry_ns import attacks, autoattack, data, evaluation, inference, seeds
+    from madry_ns import attacks, data, evaluation, inference, seeds
 
     n = settings.num_robust_examples
     if n > len(dataset.test_images):
@@ -183,10 +183,10 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
         return population(x, seeds.reference_draw(config, 0))
 
     ensemble = attacks.compile_attack(
-        autoattack.autoattack_style, logits_fn, epsilon=config.epsilon,
+        attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
         num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
-        num_targets=settings.aa_targets, num_queries=settings.aa_queries)
-    names = ("clean",) + autoattack.ATTACKS + ("robust", "pgd", "all")
+        num_targets=settings.aa_targets, square_num_steps=settings.aa_queries)
+    names = ("clean",) + attacks.ATTACKS + ("robust", "pgd", "all")
     counts = dict.fromkeys(names, 0)
     xent = {"clean": 0.0, "pgd": 0.0}
     batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
@@ -211,7 +211,7 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
         "clean_error": 100.0 * clean_error, "num_test_examples": len(dataset.test_images),
         "robust_error_autoattack": error("robust"), "robust_error_pgd": error("pgd"),
         "robust_error_worst": error("all"), "clean_error_first_n": error("clean"),
-        "error_per_attack": {name: error(name) for name in autoattack.ATTACKS},
+        "error_per_attack": {name: error(name) for name in attacks.ATTACKS},
         "pgd_xent_adv": xent["pgd"] / n, "pgd_xent_clean": xent["clean"] / n,
         "num_robust_examples": n, **describe_evaluation(config, settings),
     }

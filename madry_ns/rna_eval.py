@@ -12,7 +12,7 @@ they were classified:
 * (c) ``eot``: EOT-PGD, each step's gradient averaged over K random paths, classified on
   fresh paths (Athalye et al.; what the authors' sibling method lost 18 points to);
 * (d) ``aa_eot``: AutoAttack's 'rand' version: APGD-CE and APGD-DLR, each gradient averaged
-  over K random paths (`autoattack.apgd(eot_samples=K)`), an image counting as robust only
+  over K random paths (`attacks.apgd(eot_samples=K)`), an image counting as robust only
   if its clean image and both attacks' outputs are classified correctly, each on its own
   fresh path.
 
@@ -41,8 +41,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from madry_ns import (attacks, autoattack, checkpoints, data, evaluation, files, inference, rna,
-                      seeds)
+from madry_ns import attacks, checkpoints, data, evaluation, files, inference, rna, seeds
 from madry_ns.errors import ConfigError
 
 PROTOCOLS = {"paper": "(a)", "fixed": "(b)", "eot": "(c)", "aa_eot": "(d)"}
@@ -155,13 +154,13 @@ class _Compiled:
         def make_apgd(kind):
             @tf.function(reduce_retracing=True)
             def run(x, y, seed):
-                return autoattack.apgd(forward, x, y, epsilon=config.epsilon,
-                                       num_steps=settings.apgd_steps, loss=kind, seed=seed,
-                                       eot_samples=k)
+                return attacks.apgd(forward, x, y, epsilon=config.epsilon,
+                                    num_steps=settings.apgd_steps, loss=kind, seed=seed,
+                                    eot_samples=k)
             return run
 
         self.predict, self.pgd, self.eot = predict, pgd, eot
-        self.apgd = {"apgd-ce": make_apgd("ce"), "apgd-dlr": make_apgd("dlr")}
+        self.apgd = {"apgd-ce": make_apgd("xent"), "apgd-dlr": make_apgd("dlr")}
 
 
 def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings(),

@@ -1,4 +1,4 @@
-"""The evaluation attacks (madry_ns.attacks, madry_ns.autoattack) on tiny models.
+"""The evaluation attacks of madry_ns.attacks on tiny models.
 
 * A small convnet trained for seconds on scikit-learn's 8x8 digits (0-255 scale): attacks
   must stay in budget and box, lower accuracy, and repeat under a seed.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from madry_ns import attacks, autoattack
+from madry_ns import attacks
 from madry_ns.layers import BatchNorm
 
 EPS = 32.0  # 0-255 scale; the digits convnet falls from ~0.94 to ~0.25 under PGD here
@@ -130,7 +130,7 @@ def _eot_xent(logits_fn, x, y, *, seed, **params):
 
 
 def _ensemble_x_adv(logits_fn, x, y, *, seed, **params):
-    return autoattack.autoattack_style(logits_fn, x, y, seed=seed, **params)["x_adv"]
+    return attacks.autoattack_style(logits_fn, x, y, seed=seed, **params)["x_adv"]
 
 
 ATTACKS = {
@@ -141,15 +141,15 @@ ATTACKS = {
     "mim": (attacks.mim, dict(epsilon=EPS, num_steps=10, step_size=EPS / 4), False, EPS),
     "eot_pgd": (_eot_xent, dict(epsilon=EPS, num_steps=10, step_size=EPS / 4,
                                 eot_samples=2), True, EPS),
-    "apgd_ce": (autoattack.apgd, dict(epsilon=EPS, num_steps=20), True, EPS),
-    "apgd_dlr": (autoattack.apgd, dict(epsilon=EPS, num_steps=20, loss="dlr"), True, EPS),
-    "apgd_t": (autoattack.apgd_targeted, dict(epsilon=EPS, num_steps=10, num_targets=3),
+    "apgd_ce": (attacks.apgd, dict(epsilon=EPS, num_steps=20), True, EPS),
+    "apgd_dlr": (attacks.apgd, dict(epsilon=EPS, num_steps=20, loss="dlr"), True, EPS),
+    "apgd_t": (attacks.apgd_targeted, dict(epsilon=EPS, num_steps=10, num_targets=3),
                True, EPS),
-    "square": (autoattack.square, dict(epsilon=EPS, num_queries=300), True, EPS),
+    "square": (attacks.square, dict(epsilon=EPS, num_steps=300), True, EPS),
     "autoattack_style": (_ensemble_x_adv, dict(epsilon=EPS, num_steps=10, num_targets=2,
-                                               num_queries=100), True, EPS),
+                                               square_num_steps=100), True, EPS),
     "deepfool": (attacks.deepfool, dict(), False, None),
-    "cw_l2": (attacks.carlini_wagner_l2, dict(max_iterations=100), False, None),
+    "cw_l2": (attacks.carlini_wagner_l2, dict(num_steps=100), False, None),
 }
 
 
@@ -196,7 +196,7 @@ def test_attack_is_deterministic_under_its_seed(name, adversarial):
 
 def test_compiled_attack_traces_once_for_new_data_and_seeds(digits):
     logits_fn, x, y = digits
-    fn = attacks.compile_attack(autoattack.apgd, logits_fn, epsilon=EPS, num_steps=3)
+    fn = attacks.compile_attack(attacks.apgd, logits_fn, epsilon=EPS, num_steps=3)
     for i in range(3):
         fn(tf.reverse(x, [0]) if i % 2 else x, y, SEED + i)
     assert fn.experimental_get_tracing_count() == 1
@@ -213,10 +213,11 @@ def test_attack_forwards_only_the_full_batch(name, digits):
         sizes.add(z.shape[0])
         return logits_fn(z)
 
-    small = {k: (min(v, 3) if k in ("num_steps", "max_iterations") else v)
-             for k, v in params.items()}
-    if "num_queries" in small:
-        small["num_queries"] = 5
+    small = {k: (min(v, 3) if k == "num_steps" else v) for k, v in params.items()}
+    if name == "square":
+        small["num_steps"] = 5
+    if "square_num_steps" in small:
+        small["square_num_steps"] = 5
     attacks.compile_attack(attack, recording, **small)(x, y, SEED)
     assert sizes == {x.shape[0]}
 
@@ -281,7 +282,7 @@ def test_deepfool_finds_the_closed_form_minimum_of_an_affine_model_in_one_step()
     x = np.random.default_rng(1).uniform(110, 145, (8, 4, 4, 1)).astype(np.float32)
     dist, delta, norm, pred = _minimal_l2(w, b, x)
     assert np.all(np.abs(delta).max(1) < 100)  # the [0, 255] box stays inactive
-    one_step = attacks.deepfool(logits_fn, x, max_iter=1).numpy()
+    one_step = attacks.deepfool(logits_fn, x, num_steps=1).numpy()
     np.testing.assert_array_equal(one_step, attacks.deepfool(logits_fn, x).numpy())
     # DeepFool steps (|f| + 1e-5) / ||w||: the minimum plus 1e-5 logit, then overshoots.
     # atol: float32 resolution of pixels near 128.
@@ -309,7 +310,7 @@ def test_cw_l2_comes_within_a_few_percent_of_the_affine_minimum():
 
 def test_cw_returns_the_clean_image_where_it_fails(digits):
     logits_fn, x, y = digits
-    x_adv = attacks.carlini_wagner_l2(logits_fn, x, y, max_iterations=2,
+    x_adv = attacks.carlini_wagner_l2(logits_fn, x, y, num_steps=2,
                                       binary_search_steps=1, initial_const=1e-6).numpy()
     still = np.argmax(logits_fn(x_adv), 1) == y.numpy()
     assert still.any()
@@ -341,10 +342,10 @@ def test_dlr_losses_match_their_formulas():
     s = np.sort(z, 1)[:, ::-1]
     z_y = z[np.arange(32), y]
     others = np.where(np.eye(10)[y] > 0, -np.inf, z).max(1)
-    np.testing.assert_allclose(autoattack.dlr_loss(z, y),
+    np.testing.assert_allclose(attacks.dlr_loss(z, y),
                                -(z_y - others) / (s[:, 0] - s[:, 2] + 1e-12), rtol=1e-5)
     np.testing.assert_allclose(
-        autoattack.dlr_loss_targeted(z, y, t),
+        attacks.dlr_loss_targeted(z, y, t),
         -(z_y - z[np.arange(32), t]) / (s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12),
         rtol=1e-5)
 
@@ -399,8 +400,8 @@ def test_apgd_follows_the_official_algorithm_step_for_step():
     x = rng.integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
     y = model.np_logits(x.astype(np.float64)).argmax(1)
     eps, n_iter, seed = 24.0, 30, tf.constant([5, 6], tf.int64)
-    ours = autoattack._apgd_run(model.tf_logits, x, y, attacks.xent_loss, epsilon=eps,
-                                num_steps=n_iter, rho=0.75, seed=seed)
+    ours = attacks.apgd_single_run(model.tf_logits, x, y, attacks.xent_loss, epsilon=eps,
+                                   num_steps=n_iter, rho=0.75, seed=seed)
     t = tf.random.stateless_uniform(x.shape, seed=seed, minval=-1.0, maxval=1.0).numpy()
     ref = _apgd_reference(model, x.astype(np.float64), y, eps, n_iter, 0.75,
                           t.astype(np.float64))
@@ -418,12 +419,12 @@ def test_apgd_at_least_as_strong_as_pgd_with_the_same_budget(digits):
     for eps in (16.0, EPS):
         pgd = attacks.pgd(_xent_sum(logits_fn, y), x, epsilon=eps, num_steps=20,
                           step_size=eps / 4, seed=(1, 2))
-        apgd = autoattack.apgd(logits_fn, x, y, epsilon=eps, num_steps=20, seed=(1, 2))
+        apgd = attacks.apgd(logits_fn, x, y, epsilon=eps, num_steps=20, seed=(1, 2))
         assert _accuracy(logits_fn, apgd, y) <= _accuracy(logits_fn, pgd, y) + 2 / 64
 
 
 def test_square_p_schedule_halves_at_autoattacks_iterations():
-    p = [float(autoattack.square_p(tf.constant(i))) for i in
+    p = [float(attacks.square_p(tf.constant(i))) for i in
          (0, 10, 11, 50, 51, 200, 201, 500, 501, 1000, 1001, 2000, 2001, 4000, 4001, 6000,
           6001, 8000, 8001, 10 ** 6)]
     expected = [0.8, 0.8] + [0.8 / 2 ** (j // 2 + 1) for j in range(18)]
@@ -442,16 +443,16 @@ def _square_reference(model, x, y, eps, n_queries, p_init, seed):
         z[np.arange(n), y] = -np.inf
         return zy - z.max(1)
 
-    stripes = tf.random.stateless_uniform([n, 1, w, c], seed=autoattack._fold(seed, 0),
+    stripes = tf.random.stateless_uniform([n, 1, w, c], seed=attacks.fold_seed(seed, 0),
                                           minval=-1.0, maxval=1.0).numpy()
     x_best = np.clip(x + eps * np.sign(stripes), 0, 255)
     margin_min = margin(x_best)
     for i in range(n_queries):
         if not (margin_min > 0).any():
             break
-        p = p_init / 2 ** sum(i > m for m in autoattack.SQUARE_P_HALVINGS)
+        p = p_init / 2 ** sum(i > m for m in attacks.SQUARE_P_HALVINGS)
         s = max(int(round(np.sqrt(p * h * w))), 1)
-        u = tf.random.stateless_uniform([2 + c], seed=autoattack._fold(seed, i + 1)).numpy()
+        u = tf.random.stateless_uniform([2 + c], seed=attacks.fold_seed(seed, i + 1)).numpy()
         vh, vw = int(np.floor(u[0] * (h - s))), int(np.floor(u[1] * (w - s)))
         delta = np.zeros([1, h, w, c])
         delta[:, vh:vh + s, vw:vw + s, :] = 2.0 * eps * np.sign(2.0 * u[2:] - 1.0)
@@ -469,7 +470,7 @@ def test_square_follows_the_official_algorithm_on_the_same_draws():
     x = np.random.default_rng(4).integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
     y = model.np_logits(x.astype(np.float64)).argmax(1)
     seed = tf.constant([8, 9], tf.int64)
-    ours = autoattack.square(model.tf_logits, x, y, epsilon=24.0, num_queries=200, seed=seed)
+    ours = attacks.square(model.tf_logits, x, y, epsilon=24.0, num_steps=200, seed=seed)
     ref = _square_reference(model, x.astype(np.float64), y, 24.0, 200, 0.8, seed)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
     assert (model.np_logits(ref).argmax(1) != y).any()
@@ -477,17 +478,17 @@ def test_square_follows_the_official_algorithm_on_the_same_draws():
 
 def test_square_uses_only_the_logits(digits, adversarial):
     logits_fn, x, y = digits
-    no_gradient = attacks.compile_attack(autoattack.square, lambda z: tf.stop_gradient(
+    no_gradient = attacks.compile_attack(attacks.square, lambda z: tf.stop_gradient(
         logits_fn(z)), **ATTACKS["square"][1])
     np.testing.assert_array_equal(no_gradient(x, y, SEED), adversarial["square"][0])
 
 
 def test_ensemble_is_the_per_image_worst_case(digits):
     logits_fn, x, y = digits
-    result = autoattack.autoattack_style(logits_fn, x, y, epsilon=16.0, num_steps=10,
-                                         num_targets=3, num_queries=100, seed=SEED)
+    result = attacks.autoattack_style(logits_fn, x, y, epsilon=16.0, num_steps=10,
+                                      num_targets=3, square_num_steps=100, seed=SEED)
     robust = result["clean"].numpy()
-    for name in autoattack.ATTACKS:
+    for name in attacks.ATTACKS:
         robust = robust & result[name].numpy()
         assert result["robust"].numpy().mean() <= result[name].numpy().mean()
     np.testing.assert_array_equal(result["robust"], robust)
@@ -502,9 +503,9 @@ def test_ensemble_judges_with_the_classification_forward(digits):
     """A generation forward that is useless (constant) breaks nothing; judged by the real
     model the outputs are then as robust as the clean images."""
     logits_fn, x, y = digits
-    result = autoattack.autoattack_style(
+    result = attacks.autoattack_style(
         lambda z: 0.0 * logits_fn(z) + tf.one_hot(tf.fill([tf.shape(z)[0]], 3), 10), x, y,
-        epsilon=16.0, num_steps=3, num_targets=2, num_queries=10, classify_fn=logits_fn,
+        epsilon=16.0, num_steps=3, num_targets=2, square_num_steps=10, classify_fn=logits_fn,
         seed=SEED)
     np.testing.assert_array_equal(result["clean"], np.argmax(logits_fn(x), 1) == y.numpy())
 
@@ -524,8 +525,8 @@ def test_attacks_run_through_batch_statistics():
     x = tf.constant(np.random.default_rng(5).integers(0, 256, (8, 8, 8, 1)), tf.float32)
     y = tf.argmax(logits_fn(x), 1)
     moving = bn.moving_mean.numpy().copy()
-    result = attacks.compile_attack(autoattack.autoattack_style, logits_fn, epsilon=8.0,
-                                    num_steps=5, num_targets=2, num_queries=20)(x, y, SEED)
+    result = attacks.compile_attack(attacks.autoattack_style, logits_fn, epsilon=8.0,
+                                    num_steps=5, num_targets=2, square_num_steps=20)(x, y, SEED)
     assert np.abs(result["x_adv"].numpy() - x.numpy()).max() <= 8.0 + 1e-3
     assert not result["robust"].numpy().all()
     np.testing.assert_array_equal(bn.moving_mean.numpy(), moving)
@@ -541,9 +542,9 @@ def test_ensemble_on_madry_wrn_width_1_is_deterministic_and_in_budget():
     model = MadryWRN(width=1).build_for_input()
     x = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), tf.float32)
     y = tf.constant([0, 1, 2, 3])
-    fn = attacks.compile_attack(autoattack.autoattack_style,
+    fn = attacks.compile_attack(attacks.autoattack_style,
                                 lambda z: model(z, bn_mode="batch_frozen"), epsilon=8.0,
-                                num_steps=3, num_targets=2, num_queries=5)
+                                num_steps=3, num_targets=2, square_num_steps=5)
     first, again = fn(x, y, SEED), fn(x, y, SEED)
     np.testing.assert_array_equal(first["x_adv"], again["x_adv"])
     assert np.abs(first["x_adv"].numpy() - x.numpy()).max() <= 8.0 + 1e-3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from madry_ns import (attacks, autoattack, checkpoints, data, evaluation, models, rna, rna_eval,
+from madry_ns import (attacks, checkpoints, data, evaluation, models, rna, rna_eval,
                       seeds)
 from madry_ns import config as config_lib
 from madry_ns import training
@@ -423,7 +423,7 @@ def test_eot_pgd_with_one_sample_on_a_fixed_path_equals_pgd():
     assert np.abs(eot.numpy() - x.numpy()).max() > 0
 
 
-@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("loss", ["xent", "dlr"])
 def test_apgd_with_eot_on_a_fixed_path_equals_apgd(loss):
     model = _toy()
     _randomize(model)
@@ -431,9 +431,9 @@ def test_apgd_with_eot_on_a_fixed_path_equals_apgd(loss):
     x, y = _images(), _labels()
     forward = _fixed_path_forward(model)
     kwargs = dict(epsilon=8.0, num_steps=6, loss=loss, seed=tf.constant([1, 2], tf.int64))
-    plain = autoattack.apgd(forward, x, y, **kwargs)
+    plain = attacks.apgd(forward, x, y, **kwargs)
     for k in (1, 3):  # identical draws: the mean gradient is the gradient
-        eot = autoattack.apgd(forward, x, y, eot_samples=k, **kwargs)
+        eot = attacks.apgd(forward, x, y, eot_samples=k, **kwargs)
         np.testing.assert_allclose(eot.numpy(), plain.numpy(), rtol=0, atol=1e-3)
 
 

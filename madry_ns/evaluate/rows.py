@@ -136,12 +136,12 @@ def _mim(suite, fwd, x, y, seed):
 
 def _cw(suite, fwd, x, y, seed):
     s = suite.settings
-    return suite.attacks.carlini_wagner_l2(fwd, x, y, max_iterations=s.cw_steps,
+    return suite.attacks.carlini_wagner_l2(fwd, x, y, num_steps=s.cw_steps,
                                            binary_search_steps=s.cw_search_steps)
 
 
 def _deepfool(suite, fwd, x, y, seed):
-    return suite.attacks.deepfool(fwd, x, y, max_iter=suite.settings.deepfool_iters)
+    return suite.attacks.deepfool(fwd, x, y, num_steps=suite.settings.deepfool_iters)
 
 
 def _make_shaping(suite, mode):
@@ -170,9 +170,9 @@ def _make_autoattack(suite, mode):
     fwd = suite.forward(mode)
 
     def attack(x, y, i):
-        result = suite.autoattack.autoattack_style(
+        result = suite.attacks.autoattack_style(
             lambda z: fwd(z, i), x, y, epsilon=float(c.epsilon), num_steps=s.apgd_steps,
-            num_targets=s.apgd_targets, num_queries=s.square_queries,
+            num_targets=s.apgd_targets, square_num_steps=s.square_queries,
             seed=seeds.row_start(c, "autoattack", i))
         return result["x_adv"], result["robust"]
     return attack

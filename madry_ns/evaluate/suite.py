@@ -116,7 +116,7 @@ class Suite:
     def __init__(self, model, config, dataset, settings: Settings):
         import tensorflow as tf
 
-        from madry_ns import attacks, autoattack
+        from madry_ns import attacks
 
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
         # Shaped columns always draw fresh references, from (inference_seed, batch index).
@@ -125,7 +125,7 @@ class Suite:
                           for m in settings.modes}
         self._classify = {m: tf.function(self.forward(m)) for m in settings.modes}
         self._compiled: dict = {}
-        self.attacks, self.autoattack = attacks, autoattack
+        self.attacks = attacks
 
     def forward(self, mode: str, other: bool = False) -> Callable:
         """`fn(x, i, draw=None) -> logits`: the column's forward for batch i, drawing what it
