@@ -1,6 +1,7 @@
 """The one command-line convention (`madry_ns.cli`): every command's --help, the underscore
 spelling with the dashed one as an alias that notes itself once, user errors as `error: ...`
-with status 2, unknown flags refused with a hint. In-process: no TensorFlow is imported."""
+with status 2, unknown flags refused with a hint. In-process and fast: where a main would
+run, TensorFlow's start and the work itself are stubbed."""
 
 from __future__ import annotations
 

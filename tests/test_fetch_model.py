@@ -114,7 +114,7 @@ def test_offline_download_fails_fast_with_instructions_and_no_partial_zip(
         fetch.fetch("natural", dest=str(tmp_path), out=lines.append)
     assert time.perf_counter() - start < 5
     assert lines == ["Downloading models"]
-    assert "cannot download" in str(err.value) and "--from-zip" in str(err.value)
+    assert "cannot download" in str(err.value) and "--from_zip" in str(err.value)
     assert os.listdir(tmp_path) == []
 
 
