@@ -24,10 +24,11 @@ A command builds a `Parser` (its prog, its docstring, its `main`) and hands it t
   `add_parser(name, doc=..., main=..., config=...)` makes each a `Parser` of its own; `run`
   runs the one chosen.
 
-Deviations from absl flags (Madry's scripts used absl): a switch is `--once` only (no
-`--noonce`, no `--once=false`); long flags take two dashes; no `--flagfile`, `--helpfull`
-or absl's logging flags; abbreviated flags are not expanded; arguments absl handed unread to
-`main` are errors.
+Deviations from the absl flags that earlier versions of the drop-in scripts used (Madry's
+own scripts take no flags): a switch is `--once` only (no `--noonce`, no `--once=false`);
+long flags take two dashes; no `--flagfile`, `--helpfull` or absl's logging flags; extra
+arguments, which absl handed unread to `main`, are errors. Abbreviated flags are not
+expanded, in the modules that used argparse before either.
 """
 
 from __future__ import annotations
