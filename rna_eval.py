@@ -23,19 +23,16 @@ def evaluate(config, args):
 
 
 def main(argv=None) -> int:
-    # Defaults (None) are madry_ns.rna_eval.Settings': all protocols, R 10, K 20, APGD 100.
-    parser = cli.Parser("python rna_eval.py", __doc__, evaluate)
-    parser.add_argument("--checkpoint", metavar="PREFIX",
-                        help="checkpoint prefix (default: the latest in model_dir)")
-    parser.add_argument("--protocols", type=cli.comma_list, help="comma-separated, among "
-                        "paper, fixed, eot, aa_eot (default: all)")
-    parser.add_argument("--repeats", type=int,
-                        help="R: fresh random paths per classification (default 10)")
-    parser.add_argument("--eot_samples", type=int,
-                        help="K: random paths per EOT gradient, EOT-PGD and APGD (default 20)")
-    parser.add_argument("--apgd_steps", type=int, help="APGD iterations (default 100)")
-    parser.add_argument("--output", metavar="PATH", help="JSON lines file to append the "
-                        "result to (default model_dir/eval/rna_eval.jsonl)")
+    parser = cli.Parser("python rna_eval.py", __doc__, evaluate)  # unset: Settings' defaults
+    add = parser.add_argument
+    add("--checkpoint", metavar="PREFIX", help="default: the latest in model_dir")
+    add("--protocols", type=cli.comma_list, help="comma-separated, among paper, fixed, eot, "
+        "aa_eot (default: all)")
+    add("--repeats", type=int, help="R: fresh random paths per classification (default 10)")
+    add("--eot_samples", type=int, help="K: random paths per EOT gradient (default 20)")
+    add("--apgd_steps", type=int, help="APGD iterations (default 100)")
+    add("--output", metavar="PATH", help="JSON lines file the result is appended to "
+        "(default model_dir/eval/rna_eval.jsonl)")
     return cli.run(parser, argv)
 
 
