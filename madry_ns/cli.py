@@ -46,7 +46,7 @@ from madry_ns.errors import UsageError, UserError
 
 def comma_list(text: str) -> tuple:
     """argparse `type` for a comma-separated list (`--protocols paper,eot`), as absl's
-    DEFINE_list read it; blanks around the commas and empty items are dropped."""
+    DEFINE_list read it: blanks around the commas dropped; unlike absl, empty items too."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
