@@ -7,18 +7,12 @@ evaluation appends one JSON line to model_dir/eval/metrics.jsonl. Madry's TF1 ch
 (fetch_model.py) are read as they are.
 """
 
-from absl import flags
+import sys
 
 from madry_ns import cli
 
-flags.DEFINE_bool("once", False, "Evaluate the latest checkpoint and exit.")
-flags.DEFINE_string("checkpoint", None, "Evaluate this checkpoint prefix and exit.")
-FLAGS = flags.FLAGS
 
-
-def main(argv):
-    del argv
-    config = cli.load_config()
+def evaluate(config, args):
     import tensorflow as tf
 
     from madry_ns import data, evaluation
@@ -28,8 +22,17 @@ def main(argv):
     device = "/cpu:0" if config.eval_on_cpu else None
     with tf.device(device):
         model = build_model(config)
-        evaluation.watch(config, model, dataset, once=FLAGS.once, checkpoint=FLAGS.checkpoint)
+        evaluation.watch(config, model, dataset, once=args.once, checkpoint=args.checkpoint)
+
+
+def main(argv=None) -> int:
+    parser = cli.Parser("python eval.py", __doc__, evaluate)
+    parser.add_argument("--once", action="store_true",
+                        help="evaluate the latest checkpoint and exit")
+    parser.add_argument("--checkpoint", metavar="PREFIX",
+                        help="evaluate this checkpoint prefix and exit")
+    return cli.run(parser, argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(main())

@@ -3,30 +3,36 @@
 
 Downloads NAME.zip from Madry's Dropbox URL into the working directory, prints its SHA-256
 and extracts it (models/naturally_trained, models/adv_trained, ...). Offline, it fails with
-a message at once; `--from-zip PATH` extracts a zip downloaded elsewhere instead.
+a message at once; `--from_zip PATH` extracts a zip downloaded elsewhere instead.
 """
 
-import argparse
 import sys
 
 from madry_ns import cli
+from madry_ns.errors import UsageError
 
-USAGE = "python fetch_model.py [natural, adv_trained, secret] [--from-zip PATH]"
+USAGE = "python fetch_model.py [natural, adv_trained, secret] [--from_zip PATH]"
 
 
-def main(argv):
+def fetch_model(args):
     from madry_ns import fetch
 
-    parser = argparse.ArgumentParser(usage=USAGE, description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", nargs="?", choices=sorted(fetch.URLS),
-                        help="which model (optional with --from-zip)")
-    parser.add_argument("--from-zip", metavar="PATH",
-                        help="extract this zip (obtained elsewhere) instead of downloading")
-    args = parser.parse_args(argv)
     if args.name is None and args.from_zip is None:
-        parser.error("give a model name or --from-zip PATH")
+        raise UsageError("give a model name or --from_zip PATH")
     fetch.fetch(args.name, from_zip=args.from_zip)
 
 
+def main(argv=None) -> int:
+    from madry_ns import fetch
+
+    parser = cli.Parser("python fetch_model.py", __doc__, fetch_model, config=False,
+                        usage=USAGE)
+    parser.add_argument("name", nargs="?", choices=sorted(fetch.URLS),
+                        help="which model (optional with --from_zip)")
+    parser.add_argument("--from_zip", metavar="PATH",
+                        help="extract this zip (obtained elsewhere) instead of downloading")
+    return cli.run(parser, argv)
+
+
 if __name__ == "__main__":
-    cli.report_user_errors(main, sys.argv[1:])
+    sys.exit(main())

@@ -6,16 +6,20 @@ checkpoint in model_dir and saves them to store_adv_path (default attack.npy): f
 `No model found` and exits with status 2 (Madry's exited 0).
 """
 
+import sys
+
 from madry_ns import cli
 
 
-def main(argv):
-    del argv
-    config = cli.load_config()
+def write_attack_file(config, args):
     from madry_ns import challenge
 
     challenge.write_attack_file(config)
 
 
+def main(argv=None) -> int:
+    return cli.run(cli.Parser("python pgd_attack.py", __doc__, write_attack_file), argv)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(main())

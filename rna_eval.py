@@ -8,34 +8,33 @@ table and appends one JSON line to model_dir/eval/rna_eval.jsonl (or --output). 
 `madry_ns.rna_eval`.
 """
 
-from absl import flags
+import sys
 
 from madry_ns import cli
 
-# Defaults (None) are madry_ns.rna_eval.Settings': all protocols, R 10, K 20, APGD 100 steps.
-flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: the latest in model_dir).")
-flags.DEFINE_list("protocols", None, "Protocols to run, among paper, fixed, eot, aa_eot "
-                  "(default: all).")
-flags.DEFINE_integer("repeats", None, "R: fresh random paths per classification (default 10).")
-flags.DEFINE_integer("eot_samples", None, "K: random paths per EOT gradient, EOT-PGD and APGD "
-                     "(default 20).")
-flags.DEFINE_integer("apgd_steps", None, "APGD iterations (default 100).")
-flags.DEFINE_string("output", None, "JSON lines file to append the result to (default "
-                    "model_dir/eval/rna_eval.jsonl).")
-FLAGS = flags.FLAGS
 
-
-def main(argv):
-    del argv
-    config = cli.load_config()
+def evaluate(config, args):
     from madry_ns import rna_eval
 
-    chosen = {"protocols": tuple(FLAGS.protocols) if FLAGS.protocols else None,
-              "repeats": FLAGS.repeats, "eot_samples": FLAGS.eot_samples,
-              "apgd_steps": FLAGS.apgd_steps}
+    chosen = {"protocols": args.protocols or None, "repeats": args.repeats,
+              "eot_samples": args.eot_samples, "apgd_steps": args.apgd_steps}
     settings = rna_eval.Settings(**{k: v for k, v in chosen.items() if v is not None})
-    rna_eval.evaluate_checkpoint(config, FLAGS.checkpoint, settings, FLAGS.output)
+    rna_eval.evaluate_checkpoint(config, args.checkpoint, settings, args.output)
+
+
+def main(argv=None) -> int:
+    parser = cli.Parser("python rna_eval.py", __doc__, evaluate)  # unset: Settings' defaults
+    add = parser.add_argument
+    add("--checkpoint", metavar="PREFIX", help="default: the latest in model_dir")
+    add("--protocols", type=cli.comma_list, help="comma-separated, among paper, fixed, eot, "
+        "aa_eot (default: all)")
+    add("--repeats", type=int, help="R: fresh random paths per classification (default 10)")
+    add("--eot_samples", type=int, help="K: random paths per EOT gradient (default 20)")
+    add("--apgd_steps", type=int, help="APGD iterations (default 100)")
+    add("--output", metavar="PATH", help="JSON lines file the result is appended to "
+        "(default model_dir/eval/rna_eval.jsonl)")
+    return cli.run(parser, argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(main())

@@ -8,16 +8,20 @@ Beyond Madry: NaN/inf, non-numeric and pickled files are refused, and every refu
 with status 2 without writing pred.npy.
 """
 
+import sys
+
 from madry_ns import cli
 
 
-def main(argv):
-    del argv
-    config = cli.load_config()
+def run_attack(config, args):
     from madry_ns import challenge
 
     challenge.run_attack(config)
 
 
+def main(argv=None) -> int:
+    return cli.run(cli.Parser("python run_attack.py", __doc__, run_attack), argv)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(main())

@@ -5,16 +5,20 @@ checkpoints, TensorBoard events and a copy of the config to model_dir. Running i
 resumes from the latest checkpoint in model_dir.
 """
 
+import sys
+
 from madry_ns import cli
 
 
-def main(argv):
-    del argv
-    config = cli.load_config()
+def train(config, args):
     from madry_ns import training
 
     training.train(config)
 
 
+def main(argv=None) -> int:
+    return cli.run(cli.Parser("python train.py", __doc__, train), argv)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    sys.exit(main())

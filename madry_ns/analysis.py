@@ -31,7 +31,6 @@ b = beta - gamma mean / sqrt(var + eps), from the moving statistics) and writes 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -303,34 +302,41 @@ def run_bn(paths: list[str], labels: list[str] | None, output_dir: str,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m madry_ns.analysis")
-    sub = parser.add_subparsers(dest="command", required=True)
-    table = sub.add_parser("table", help="Markdown table from eval metrics.jsonl files")
+    from madry_ns import cli
+
+    parser = cli.Parser("python -m madry_ns.analysis", __doc__, config=False)
+    sub = parser.add_subparsers()
+    what = "Markdown table from eval metrics.jsonl files"
+    table = sub.add_parser("table", help=what, doc=what, main=_table_main, config=False)
     table.add_argument("metrics", nargs="+", help="model_dir/eval/metrics.jsonl files")
-    bn = sub.add_parser("bn", help="folded BN weights m, b per layer: CSV, PNG, TensorBoard")
+    what = "folded BN weights m, b per layer: CSV, PNG, TensorBoard"
+    bn = sub.add_parser("bn", help=what, doc=what, main=_bn_main, config=False,
+                        tensorflow=True)
     bn.add_argument("models", nargs="+", help="model_dirs (latest checkpoint) or checkpoint "
                     "prefixes, ours or Madry's")
     bn.add_argument("--labels", nargs="+", help="one name per model (default: folder names)")
     bn.add_argument("--output", required=True, help="folder for the CSV, PNG and event files")
     bn.add_argument("--reference", help="label the differences are taken against (default: "
                     "the first model)")
-    args = parser.parse_args(argv)
-    if args.command == "table":
-        missing = [p for p in args.metrics if not os.path.isfile(p)]
-        if missing:
-            print(f"error: no such metrics file: {', '.join(missing)}", file=sys.stderr)
-            return 2
-        print(metrics_table(read_records(args.metrics)))
-    elif args.command == "bn":
-        from madry_ns.cli import import_tensorflow_quietly, report_user_errors
+    return cli.run(parser, argv)
 
-        import_tensorflow_quietly()
-        try:
-            report_user_errors(lambda _: run_bn(args.models, args.labels, args.output,
-                                                args.reference), [])
-        except ValueError as e:  # labels or architectures that do not fit together
-            parser.error(str(e))
-    return 0
+
+def _table_main(args) -> None:
+    from madry_ns.errors import UserError
+
+    missing = [p for p in args.metrics if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"no such metrics file: {', '.join(missing)}")
+    print(metrics_table(read_records(args.metrics)))
+
+
+def _bn_main(args) -> None:
+    from madry_ns.errors import UsageError
+
+    try:
+        run_bn(args.models, args.labels, args.output, args.reference)
+    except ValueError as e:  # labels or architectures that do not fit together
+        raise UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ machine stay comparable. Nothing here asserts a time: targets are reported, met 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -385,26 +384,35 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m madry_ns.benchmark",
-                                     description=__doc__.split("\n\n")[0])
+    from madry_ns import cli
+
+    parser = cli.Parser("python -m madry_ns.benchmark", __doc__, _main, config=False,
+                        tensorflow=True, check=_check)
     parser.add_argument("--json", help="write the full report here (atomically)")
     parser.add_argument("--markdown", help="write the Markdown table here")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--no-wide", action="store_true",
+    parser.add_argument("--no_wide", action="store_true",
                         help="skip Madry's WRN-34-10 (about a minute per step on a CPU)")
-    parser.add_argument("--only-wrn", action="store_true",
+    parser.add_argument("--only_wrn", action="store_true",
                         help="only Madry's WRN at width 1 and 10, batch 64 (the wide rows a "
-                             "--no-wide record lacks)")
+                             "--no_wide record lacks)")
     parser.add_argument("--roofs", action="store_true",
                         help="only the two roofs (matmul, wide convolution): seconds; shows "
                              "whether the host runs at its usual speed")
-    args = parser.parse_args(argv)
-    if args.only_wrn and (args.no_wide or args.quick):
-        parser.error("--only-wrn measures the wide WRN: it excludes --no-wide and --quick")
-    from madry_ns import cli, files
+    return cli.run(parser, argv)
 
-    cli.import_tensorflow_quietly()
+
+def _check(args) -> None:
+    from madry_ns.errors import UsageError
+
+    if args.only_wrn and (args.no_wide or args.quick):
+        raise UsageError("--only_wrn measures the wide WRN: it excludes --no_wide and --quick")
+
+
+def _main(args) -> int:
+    from madry_ns import files
+
     if args.roofs:
         peak, conv = measure_peak(args.reps), measure_conv(args.reps)
         print(f"fp32 matmul 4096^2: {peak['gflops']:.0f} GFLOP/s; 3x3 convolution "

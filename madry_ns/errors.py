@@ -29,3 +29,8 @@ class AttackFileError(UserError):
 
 class DownloadError(UserError):
     """A download that failed (no network, unreachable host) or an unusable archive."""
+
+
+class UsageError(UserError):
+    """A command line whose parts do not fit together (flags that exclude each other, a
+    missing argument); reported with the command's usage line, as argparse's own errors."""

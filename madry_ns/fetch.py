@@ -58,7 +58,7 @@ def download(url: str, path: str) -> None:
         reason = getattr(e, "reason", e)
         raise DownloadError(
             f"cannot download {url} ({reason}). Without network access, download the zip "
-            f"on a machine that has it and run: python fetch_model.py --from-zip "
+            f"on a machine that has it and run: python fetch_model.py --from_zip "
             f"PATH/{zip_name(url)}") from None
 
 

@@ -24,7 +24,6 @@ scratch, reset), so a table row cannot silently come from the wrong regime.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -166,7 +165,7 @@ def evaluate_model(model, dataset, config, settings: EvalSettings) -> dict:
 
     n = settings.num_robust_examples
     if n > len(dataset.test_images):
-        raise ConfigError(f"--num-robust-examples {n} exceeds the {len(dataset.test_images)} "
+        raise ConfigError(f"--num_robust_examples {n} exceeds the {len(dataset.test_images)} "
                           f"test images of {dataset.source}")
     classify = evaluation.make_classifier(model, config, dataset)
     predicted = evaluation.predict(classify, dataset.test_images, config.eval_batch_size)
@@ -317,9 +316,12 @@ def run(config_dir: str, output_dir: str, settings: EvalSettings,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m madry_ns.fragile",
-        description="Train and evaluate the fragile-features Table 2 rows of a config folder.")
+    from madry_ns import cli
+
+    parser = cli.Parser(
+        "python -m madry_ns.fragile", "Train and evaluate the fragile-features Table 2 rows "
+        "of a config folder.", _main, config=False, tensorflow=True,
+        check=lambda args: load_rows(args.config_dir, args.rows))  # before TensorFlow loads
     parser.add_argument("config_dir", help="folder with one config per row "
                         "(configs/fragile/cifar10 or configs/fragile/digits)")
     parser.add_argument("--output", required=True, help="folder for table.md, table.json "
@@ -327,34 +329,29 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", help="only these rows (default: every config "
                         "in the folder), e.g. normal bn_params")
     defaults = EvalSettings()
-    parser.add_argument("--num-robust-examples", type=int,
+    parser.add_argument("--num_robust_examples", type=int,
                         default=defaults.num_robust_examples,
                         help="first N test images for the robust errors (paper: 1000)")
-    parser.add_argument("--aa-steps", type=int, default=defaults.aa_steps,
+    parser.add_argument("--aa_steps", type=int, default=defaults.aa_steps,
                         help="APGD iterations (AutoAttack: 100)")
-    parser.add_argument("--aa-restarts", type=int, default=defaults.aa_restarts)
-    parser.add_argument("--aa-targets", type=int, default=defaults.aa_targets,
+    parser.add_argument("--aa_restarts", type=int, default=defaults.aa_restarts)
+    parser.add_argument("--aa_targets", type=int, default=defaults.aa_targets,
                         help="APGD-T target classes (AutoAttack: 9)")
-    parser.add_argument("--aa-queries", type=int, default=defaults.aa_queries,
+    parser.add_argument("--aa_queries", type=int, default=defaults.aa_queries,
                         help="Square queries (AutoAttack: 5000)")
-    parser.add_argument("--pgd-steps", type=int, default=defaults.pgd_steps)
-    parser.add_argument("--pgd-step-size", type=float, default=None,
+    parser.add_argument("--pgd_steps", type=int, default=defaults.pgd_steps)
+    parser.add_argument("--pgd_step_size", type=float, default=None,
                         help="0-255 scale (default: the config's step_size)")
-    parser.add_argument("--no-analysis", action="store_true",
+    parser.add_argument("--no_analysis", action="store_true",
                         help="skip the BN analysis of NORMAL, ADV, BN PARAMS")
-    args = parser.parse_args(argv)
+    return cli.run(parser, argv)
+
+
+def _main(args) -> None:
     settings = EvalSettings(args.num_robust_examples, args.aa_steps, args.aa_restarts,
                             args.aa_targets, args.aa_queries, args.pgd_steps,
                             args.pgd_step_size)
-    from madry_ns.cli import import_tensorflow_quietly, report_user_errors
-
-    def go(_):
-        load_rows(args.config_dir, args.rows)  # bad configs fail before TensorFlow loads
-        import_tensorflow_quietly()
-        run(args.config_dir, args.output, settings, args.rows, not args.no_analysis)
-
-    report_user_errors(go, [])
-    return 0
+    run(args.config_dir, args.output, settings, args.rows, not args.no_analysis)
 
 
 if __name__ == "__main__":

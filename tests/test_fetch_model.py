@@ -1,4 +1,4 @@
-"""fetch_model.py: Madry's URLs, file names and lines; --from-zip; offline and unsafe zips.
+"""fetch_model.py: Madry's URLs, file names and lines; --from_zip; offline and unsafe zips.
 
 No test touches the network: downloads go to a local HTTP server or a closed local port.
 """
@@ -114,7 +114,7 @@ def test_offline_download_fails_fast_with_instructions_and_no_partial_zip(
         fetch.fetch("natural", dest=str(tmp_path), out=lines.append)
     assert time.perf_counter() - start < 5
     assert lines == ["Downloading models"]
-    assert "cannot download" in str(err.value) and "--from-zip" in str(err.value)
+    assert "cannot download" in str(err.value) and "--from_zip" in str(err.value)
     assert os.listdir(tmp_path) == []
 
 
@@ -171,6 +171,6 @@ def test_script_from_zip_and_usage_errors(tmp_path):
 
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"not a zip")
-    refused = run_script("fetch_model.py", tmp_path, "--from-zip", str(broken), timeout=60)
+    refused = run_script("fetch_model.py", tmp_path, "--from_zip", str(broken), timeout=60)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ")
     assert "Traceback" not in refused.stderr

@@ -9,8 +9,8 @@ set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-results/fragile_digits}
 $PY -m madry_ns.fragile configs/fragile/digits --output "$OUT" \
-  --num-robust-examples 300 --aa-steps 20 --aa-targets 3 --aa-queries 300 \
-  --pgd-steps 20 --pgd-step-size 4
+  --num_robust_examples 300 --aa_steps 20 --aa_targets 3 --aa_queries 300 \
+  --pgd_steps 20 --pgd_step_size 4
 mkdir -p docs/fragile
 cp "$OUT"/table.md "$OUT"/table.json docs/fragile/
 cp "$OUT"/bn_analysis/{summary.json,bn_layers.csv,mean_m_per_layer.png,hist_layer_00.png,hist_layer_07.png} docs/fragile/
