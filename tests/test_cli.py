@@ -41,6 +41,9 @@ COMMANDS = [
     ("madry_ns.analysis table", lambda: _module_main("analysis"), ["table"], False),
     ("madry_ns.analysis bn", lambda: _module_main("analysis"), ["bn"], False),
     ("madry_ns.benchmark", lambda: _module_main("benchmark"), [], False),
+    ("madry_ns.evaluate", lambda: _module_main("evaluate"), [], True),
+    ("madry_ns.evaluate ablation", lambda: _module_main("evaluate"), ["ablation"], True),
+    ("madry_ns.evaluate compare", lambda: _module_main("evaluate"), ["compare"], False),
 ]
 
 
