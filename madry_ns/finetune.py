@@ -13,6 +13,9 @@ selects the regime:
 | `bn`               | gamma, beta of every BN            | updated       | BN PARAMS, + BN ONLY |
 | `bn+logits+conv1`  | the above + logit layer + 1st conv | updated       | ... + log + conv1 |
 
+(The logit layer and the first convolution are the model's `logit_layer()` and
+`first_conv()`.)
+
 (+ BN ONLY: `bn` from scratch, without `init_checkpoint`.)
 
 "Updated" statistics come from the training forward in `batch_update` mode (the
@@ -66,7 +69,8 @@ def trainable_variables(model, config) -> list:
         return []
     chosen = [v for bn in model.bn_layers() for v in (bn.gamma, bn.beta)]
     if regime == "bn+logits+conv1":
-        chosen += [model.init_conv.kernel, model.logit.kernel, model.logit.bias]
+        logit = model.logit_layer()
+        chosen += [model.first_conv().kernel, logit.kernel, logit.bias]
     ids = {id(v) for v in chosen}
     return [v for v in model.trainable_variables if id(v) in ids]
 

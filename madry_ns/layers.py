@@ -184,11 +184,11 @@ class RandomNorm(keras.layers.Layer):
     None and skips those parameters).
 
     `mode` is `BatchNorm`'s: it reaches the BN candidate; the others always normalize with
-    the statistics of each sample.
+    the statistics of each sample. `synchronized` is the BN candidate's (`BatchNorm`).
     """
 
     def __init__(self, candidates=RNA_DEFAULT_CANDIDATES, momentum: float = 0.9,
-                 epsilon: float = 1e-5, **kwargs):
+                 epsilon: float = 1e-5, synchronized: bool = False, **kwargs):
         super().__init__(**kwargs)
         candidates = tuple(candidates)
         if not candidates:
@@ -200,7 +200,7 @@ class RandomNorm(keras.layers.Layer):
             if problem:
                 raise ValueError(problem)
         self.candidates = candidates
-        self.momentum, self.epsilon = momentum, epsilon
+        self.momentum, self.epsilon, self.synchronized = momentum, epsilon, bool(synchronized)
         self.candidate_attributes = []
         for name in candidates:
             # Named attributes, not a list: TF checkpoints track attributes only.
@@ -210,7 +210,8 @@ class RandomNorm(keras.layers.Layer):
 
     def _make_candidate(self, name, attribute):
         if name == "bn":
-            return BatchNorm(momentum=self.momentum, epsilon=self.epsilon, name=attribute)
+            return BatchNorm(momentum=self.momentum, epsilon=self.epsilon,
+                             synchronized=self.synchronized, name=attribute)
         groups = {"in": -1, "ln": 1}.get(name) or int(name[3:])
         return keras.layers.GroupNormalization(groups=groups, epsilon=self.epsilon,
                                                name=attribute)
@@ -253,4 +254,5 @@ class RandomNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "candidates": list(self.candidates),
-                "momentum": self.momentum, "epsilon": self.epsilon}
+                "momentum": self.momentum, "epsilon": self.epsilon,
+                "synchronized": self.synchronized}

@@ -11,6 +11,14 @@ Every model takes `norm_layer`: "bn" (batch norm) or "rna" (`layers.RandomNorm` 
 each batch norm, with `rna_candidates`); `model.rna_layers()`, `model.resample(seed)`,
 `model.set_path(...)` and `model.path()` select the random path (see `_Classifier`).
 
+Every setting is a constructor argument (width, num_classes, input_shape, norm_layer,
+rna_candidates, rna_sampling, bn_epsilon, bn_momentum, synchronized, weight_decay_on; see
+`_Classifier`), `get_config()` returns them all and `cls.from_config(model.get_config())`
+rebuilds the model. Every model and layer class is registered with Keras (package
+"madry_ns"), so after `import madry_ns.models`, `keras.saving.load_model("m.keras")` restores
+a model saved with `model.save("m.keras")`. `first_conv()` and `logit_layer()` name the parts
+fine-tuning selects (`finetune.trainable_variables`).
+
 `model.tf1_variables()` maps Madry's TF1 variable names (`unit_1_0/sub1/conv1/DW`, ...) onto
 the Keras variables, for reading and writing Madry's checkpoints.
 """
@@ -39,19 +47,26 @@ RNA_SAMPLING = ("per_layer", "network")
 
 
 def norm_factory(norm_layer: str = "bn", rna_candidates=RNA_DEFAULT_CANDIDATES,
-                 epsilon: float = 1e-3):
+                 epsilon: float = 1e-3, momentum: float = 0.9, synchronized: bool = False):
     """`norm(name) -> layer` for the normalization layers a model replaces with RNA.
 
-    "bn": `BatchNorm` (momentum 0.9, `epsilon`: Madry's 1e-3, PyTorch's 1e-5); "rna":
+    "bn": `BatchNorm(momentum, epsilon)` (Madry's epsilon 1e-3, PyTorch's 1e-5); "rna":
     `RandomNorm(rna_candidates)` with the released code's PyTorch constants (momentum 0.1,
-    i.e. Keras 0.9, eps 1e-5) whatever the model's own BN epsilon.
+    i.e. Keras 0.9, eps 1e-5) whatever the model's own BN settings. `synchronized` reaches
+    every batch norm (RNA's BN candidates too): statistics over all replicas.
     """
     if norm_layer == "bn":
-        return lambda name: BatchNorm(epsilon=epsilon, name=name)
+        return lambda name: BatchNorm(momentum=momentum, epsilon=epsilon,
+                                      synchronized=synchronized, name=name)
     if norm_layer == "rna":
         candidates = tuple(rna_candidates)
-        return lambda name: RandomNorm(candidates, name=name)
+        return lambda name: RandomNorm(candidates, synchronized=synchronized, name=name)
     raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {norm_layer!r}")
+
+
+def _norm(settings):
+    """The norm factory of a block's `norm_settings` (norm_factory's keywords)."""
+    return norm_factory(**(settings or {}))
 
 
 def _lrelu(x):
@@ -71,15 +86,19 @@ def _pad_channels(x, out_filters):
     return tf.pad(x, [[0, 0], [0, 0], [0, 0], [pad, pad]])
 
 
+@keras.saving.register_keras_serializable(package="madry_ns")
 class _MadryUnit(keras.layers.Layer):
-    """Madry's `_residual`: pre-activation unit with avg-pool + zero-pad shortcut."""
+    """Madry's `_residual`: pre-activation unit with avg-pool + zero-pad shortcut.
 
-    def __init__(self, in_filter, out_filter, stride, activate_before_residual, norm=None,
-                 **kwargs):
+    `norm_settings`: `norm_factory`'s keywords (its defaults when None)."""
+
+    def __init__(self, in_filter, out_filter, stride, activate_before_residual,
+                 norm_settings=None, **kwargs):
         super().__init__(**kwargs)
         self.in_filter, self.out_filter, self.stride = in_filter, out_filter, stride
         self.activate_before_residual = activate_before_residual
-        norm = norm or norm_factory()
+        self._norm_settings = _settings_copy(norm_settings)
+        norm = _norm(norm_settings)
         self.bn1 = norm("bn1")
         self.conv1 = _conv(out_filter, stride, "conv1", _MADRY_CONV_INIT)
         self.bn2 = norm("bn2")
@@ -99,6 +118,12 @@ class _MadryUnit(keras.layers.Layer):
             orig_x = _pad_channels(orig_x, self.out_filter)
         return x + orig_x
 
+    def get_config(self):
+        return {**super().get_config(), "in_filter": self.in_filter,
+                "out_filter": self.out_filter, "stride": self.stride,
+                "activate_before_residual": self.activate_before_residual,
+                "norm_settings": _settings_copy(self._norm_settings)}
+
     def tf1_variables(self, scope):
         first = "shared_activation" if self.activate_before_residual else \
             "residual_only_activation"
@@ -117,11 +142,61 @@ def _bn_tf1(bn, scope):
             f"{scope}/moving_variance": bn.moving_variance}
 
 
-class _Classifier(keras.Model):
-    """Shared plumbing: 0-255 input, per-image standardization, BN-mode resolution.
+def _settings_copy(settings):
+    """A plain copy of norm settings (lists, not tuples: what a JSON config holds)."""
+    settings = dict(settings or {})
+    if "rna_candidates" in settings:
+        settings["rna_candidates"] = list(settings["rna_candidates"])
+    return settings
 
-    Subclasses define `forward(x, bn_mode)` on the standardized images.
+
+DEFAULT_INPUT_SHAPE = (32, 32, 3)
+WEIGHT_DECAY_ON = ("kernels", "all")
+
+
+class _Classifier(keras.Model):
+    """Shared plumbing: 0-255 input, per-image standardization, BN-mode resolution, and
+    every setting of a model, which `get_config` returns and `from_config` takes back:
+
+    * `width`, `num_classes`, `input_shape` (height, width, channels of one image);
+    * `norm_layer` ("bn" or "rna"), `rna_candidates`, `rna_sampling` (how `resample` draws a
+      path: "per_layer" or "network");
+    * `bn_epsilon`, `bn_momentum` of the model's batch norms (RNA layers keep the released
+      code's constants, see `norm_factory`), `synchronized` (batch statistics over every
+      replica of a tf.distribute strategy);
+    * `weight_decay_on`: what `decay_variables` covers, "kernels" (Madry) or "all".
+
+    Subclasses define `forward(x, bn_mode)` on the standardized images and create their
+    layers with `self._norm_factory()` (the norms) and `self._bn(name)` (a BatchNorm that
+    stays one with RNA); `first_conv()` and `logit_layer()` name the parts fine-tuning
+    selects.
     """
+
+    def __init__(self, width: int = 1, num_classes: int = 10,
+                 input_shape=DEFAULT_INPUT_SHAPE, norm_layer: str = "bn",
+                 rna_candidates=RNA_DEFAULT_CANDIDATES, rna_sampling: str = "per_layer",
+                 bn_epsilon: float = 1e-3, bn_momentum: float = 0.9,
+                 synchronized: bool = False, weight_decay_on: str = "kernels", **kwargs):
+        super().__init__(**kwargs)
+        input_shape = tuple(int(d) for d in input_shape)
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ValueError("input_shape must be (height, width, channels), positive, got "
+                             f"{input_shape}")
+        if norm_layer not in NORM_LAYERS:
+            raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {norm_layer!r}")
+        if rna_sampling not in RNA_SAMPLING:
+            raise ValueError(f"RNA sampling must be one of {RNA_SAMPLING}, got "
+                             f"{rna_sampling!r}")
+        if weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
+                             f"{weight_decay_on!r}")
+        self.width, self.num_classes, self.image_shape = int(width), int(num_classes), \
+            input_shape
+        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
+        self.rna_sampling = rna_sampling
+        self.bn_epsilon, self.bn_momentum = float(bn_epsilon), float(bn_momentum)
+        self.synchronized = bool(synchronized)
+        self.weight_decay_on = weight_decay_on
 
     def call(self, x, training=None, bn_mode=None):
         bn_mode = resolve_mode(bn_mode, training)
@@ -131,9 +206,17 @@ class _Classifier(keras.Model):
         return tf.cast(logits, tf.float32) if logits.dtype.size < 4 else logits
 
     def build_for_input(self):
-        """Create the variables by running one image through the network."""
-        self(tf.zeros([1, 32, 32, 3]), bn_mode="population")
+        """Create the variables by running one image of `input_shape` through the network."""
+        self(tf.zeros([1, *self.image_shape]), bn_mode="population")
         return self
+
+    def get_build_config(self):
+        return {"input_shape": [None, *self.image_shape]}
+
+    def build_from_config(self, config):
+        # Variables are created in forward order by a forward pass, as build_for_input does.
+        del config
+        self.build_for_input()
 
     def _sublayers(self) -> list:
         """Every nested layer, depth first in creation order, which for these models is the
@@ -146,23 +229,60 @@ class _Classifier(keras.Model):
             stack.extend(reversed(layer._layers))
         return found
 
+    def norm_settings(self) -> dict:
+        """`norm_factory`'s keywords for this model's replaceable norms."""
+        return {"norm_layer": self.norm_layer, "rna_candidates": list(self.rna_candidate_names),
+                "epsilon": self.bn_epsilon, "momentum": self.bn_momentum,
+                "synchronized": self.synchronized}
 
-    def _norms(self, width, norm_layer, rna_candidates, epsilon=1e-3):
-        """Record the constructor's width and norm settings; the norm layer factory."""
-        self.width = width
-        self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
-        return norm_factory(norm_layer, rna_candidates, epsilon)
+    def _norm_factory(self):
+        return norm_factory(**self.norm_settings())
+
+    def _bn(self, name):
+        """A BatchNorm with the model's settings that stays one with RNA (a final BN)."""
+        return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                         synchronized=self.synchronized, name=name)
 
     def get_config(self):
-        return {"width": self.width, "norm_layer": self.norm_layer,
-                "rna_candidates": list(self.rna_candidate_names)}
+        return {**super().get_config(), "width": self.width, "num_classes": self.num_classes,
+                "input_shape": list(self.image_shape), "norm_layer": self.norm_layer,
+                "rna_candidates": list(self.rna_candidate_names),
+                "rna_sampling": self.rna_sampling, "bn_epsilon": self.bn_epsilon,
+                "bn_momentum": self.bn_momentum, "synchronized": self.synchronized,
+                "weight_decay_on": self.weight_decay_on}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The model of `get_config()`. Its layers are created under the saved dtype policy
+        (mixed precision), as `build_model` creates them."""
+        del custom_objects
+        config = dict(config)
+        policy = config.get("dtype")
+        previous = keras.config.dtype_policy()
+        if policy is not None:
+            policy = keras.dtype_policies.deserialize(policy) if isinstance(policy, dict) \
+                else keras.dtype_policies.get(policy)
+            config["dtype"] = policy
+            keras.config.set_dtype_policy(policy)
+        try:
+            return cls(**config)
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    # ----- The parts fine-tuning selects (finetune.py's "bn+logits+conv1") -----
+
+    def first_conv(self) -> keras.layers.Layer:
+        """The first convolution, applied to the standardized image."""
+        return self.init_conv
+
+    def logit_layer(self) -> keras.layers.Layer:
+        """The dense layer that outputs the logits."""
+        return self.logit
 
     # ----- Random Normalization Aggregation: the path -----
     # A path is the int32 vector of the active candidate of every RNA layer, in forward
     # order. Sampling is stateless in an explicit seed, so it runs inside compiled functions
     # (a training step resamples twice without leaving the graph) and repeats under a seed.
-
-    rna_sampling = "per_layer"  # build_model sets the config's `rna_sampling`
 
     def rna_layers(self) -> list[RandomNorm]:
         """Every `RandomNorm` layer, in forward order."""
@@ -265,11 +385,9 @@ class _Classifier(keras.Model):
         """Every BatchNorm layer, in forward order."""
         return [layer for layer in self._sublayers() if isinstance(layer, BatchNorm)]
 
-    weight_decay_on = "kernels"  # build_model sets the config's `weight_decay_variables`
-
     def decay_variables(self) -> list:
         """The variables weight decay covers: conv and dense kernels only (Madry's), or
-        every trainable variable with `weight_decay_on = "all"` (PyTorch SGD's weight_decay,
+        every trainable variable with `weight_decay_on="all"` (PyTorch SGD's weight_decay,
         as the RNA code trains)."""
         if self.weight_decay_on == "all":
             return list(self.trainable_variables)
@@ -277,17 +395,18 @@ class _Classifier(keras.Model):
                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
 
 
+@keras.saving.register_keras_serializable(package="madry_ns")
 class MadryWRN(_Classifier):
     """Madry's WRN-34 (model.py): 3 stages of 5 pre-activation units, leaky ReLU 0.1.
 
     width=10 gives Madry's filters 16/160/320/640 and 45,901,914 trainable parameters;
-    width=1 the narrow 16/16/32/64 variant Madry's code comments mention.
+    width=1 the narrow 16/16/32/64 variant Madry's code comments mention. BN epsilon 1e-3
+    (TF1 contrib batch_norm). Other settings: `_Classifier`.
     """
 
-    def __init__(self, width: int = 10, num_classes: int = 10, norm_layer: str = "bn",
-                 rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
-        super().__init__(**kwargs)
-        norm = self._norms(width, norm_layer, rna_candidates)
+    def __init__(self, width: int = 10, bn_epsilon: float = 1e-3, **settings):
+        super().__init__(width=width, bn_epsilon=bn_epsilon, **settings)
+        width, num_classes = self.width, self.num_classes
         filters = [16, 16 * width, 32 * width, 64 * width]
         strides = [1, 2, 2]
         self.init_conv = _conv(16, 1, "init_conv", _MADRY_CONV_INIT)
@@ -299,10 +418,11 @@ class MadryWRN(_Classifier):
                 # Attributes, not a list: TF checkpoints track named attributes only.
                 setattr(self, name, _MadryUnit(in_f, filters[s + 1], strides[s] if i == 0 else 1,
                                                activate_before_residual=(s == 0 and i == 0),
-                                               norm=norm, name=name))
+                                               norm_settings=self.norm_settings(),
+                                               name=name))
                 self.unit_names.append(name)
         # Stays a BatchNorm with RNA, as the final BN of the released WRN.
-        self.final_bn = BatchNorm(name="final_bn")
+        self.final_bn = self._bn("final_bn")
         self.logit = keras.layers.Dense(
             num_classes, kernel_initializer=keras.initializers.VarianceScaling(
                 **_MADRY_DENSE_INIT), bias_initializer="zeros", name="logit")
@@ -324,13 +444,15 @@ class MadryWRN(_Classifier):
         return names
 
 
+@keras.saving.register_keras_serializable(package="madry_ns")
 class _BasicBlock(keras.layers.Layer):
     """ResNet basic block, BN before activation; option-A shortcut (stride + zero pad)."""
 
-    def __init__(self, in_filter, out_filter, stride, norm=None, **kwargs):
+    def __init__(self, in_filter, out_filter, stride, norm_settings=None, **kwargs):
         super().__init__(**kwargs)
         self.in_filter, self.out_filter, self.stride = in_filter, out_filter, stride
-        norm = norm or norm_factory()
+        self._norm_settings = _settings_copy(norm_settings)
+        norm = _norm(norm_settings)
         self.conv1 = _conv(out_filter, stride, "conv1", _HE_INIT)
         self.bn1 = norm("bn1")
         self.conv2 = _conv(out_filter, 1, "conv2", _HE_INIT)
@@ -345,18 +467,23 @@ class _BasicBlock(keras.layers.Layer):
                                      self.out_filter)
         return tf.nn.relu(x + shortcut)
 
+    def get_config(self):
+        return {**super().get_config(), "in_filter": self.in_filter,
+                "out_filter": self.out_filter, "stride": self.stride,
+                "norm_settings": _settings_copy(self._norm_settings)}
 
+
+@keras.saving.register_keras_serializable(package="madry_ns")
 class ResNet20(_Classifier):
     """ResNet-20 for CIFAR (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 x width.
 
     BN sits before each activation, as in the fragile-features study. About 0.27 M
-    parameters at width 1.
+    parameters at width 1. BN epsilon 1e-3. Other settings: `_Classifier`.
     """
 
-    def __init__(self, width: int = 1, num_classes: int = 10, norm_layer: str = "bn",
-                 rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
-        super().__init__(**kwargs)
-        norm = self._norms(width, norm_layer, rna_candidates)
+    def __init__(self, width: int = 1, bn_epsilon: float = 1e-3, **settings):
+        super().__init__(width=width, bn_epsilon=bn_epsilon, **settings)
+        width, num_classes, norm = self.width, self.num_classes, self._norm_factory()
         filters = [16 * width, 32 * width, 64 * width]
         self.init_conv = _conv(filters[0], 1, "init_conv", _HE_INIT)
         self.init_bn = norm("init_bn")
@@ -366,7 +493,8 @@ class ResNet20(_Classifier):
             for i in range(3):
                 stride = 2 if (s > 0 and i == 0) else 1
                 name = f"block_{s + 1}_{i}"
-                setattr(self, name, _BasicBlock(in_f, f, stride, norm=norm, name=name))
+                setattr(self, name, _BasicBlock(in_f, f, stride, self.norm_settings(),
+                                                     name=name))
                 self.block_names.append(name)
                 in_f = f
         self.logit = keras.layers.Dense(num_classes, name="logit")
@@ -378,6 +506,7 @@ class ResNet20(_Classifier):
         return self.logit(tf.reduce_mean(x, axis=[1, 2]))
 
 
+@keras.saving.register_keras_serializable(package="madry_ns")
 class TorchConv2D(keras.layers.Conv2D):
     """A bias-free k x k convolution padded as PyTorch's `Conv2d(padding=(k-1)//2)`.
 
@@ -397,13 +526,32 @@ class TorchConv2D(keras.layers.Conv2D):
             inputs = tf.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
         return super().call(inputs)
 
+    def compute_output_shape(self, input_shape):
+        # Of the padded input: Keras checks it when building, and a map smaller than the
+        # kernel (2x2 under a 3x3) would otherwise be refused though the padding covers it.
+        pad = 2 * ((self.kernel_size[0] - 1) // 2)
+        shape = list(input_shape)
+        for axis in (1, 2):
+            shape[axis] = None if shape[axis] is None else shape[axis] + pad
+        return super().compute_output_shape(tuple(shape))
 
+    def get_config(self):
+        # Padding, bias and initializer are fixed by the class, not arguments.
+        config = super().get_config()
+        return {key: config[key] for key in ("name", "trainable", "dtype", "filters",
+                                             "kernel_size", "strides")}
+
+
+@keras.saving.register_keras_serializable(package="madry_ns")
 class _PostActivationBlock(keras.layers.Layer):
     """ResNet-18's BasicBlock (RNA `model/resnet.py`): conv-norm-ReLU-conv-norm, plus the
     shortcut (1x1 conv + norm where the shape changes), then ReLU."""
 
-    def __init__(self, in_filter, out_filter, stride, norm, **kwargs):
+    def __init__(self, in_filter, out_filter, stride, norm_settings=None, **kwargs):
         super().__init__(**kwargs)
+        self.in_filter, self.out_filter, self.stride = in_filter, out_filter, stride
+        self._norm_settings = _settings_copy(norm_settings)
+        norm = _norm(norm_settings)
         self.conv1 = TorchConv2D(out_filter, 3, stride, name="conv1")
         self.bn1 = norm("bn1")
         self.conv2 = TorchConv2D(out_filter, 3, 1, name="conv2")
@@ -420,7 +568,13 @@ class _PostActivationBlock(keras.layers.Layer):
             else x
         return tf.nn.relu(out + shortcut)
 
+    def get_config(self):
+        return {**super().get_config(), "in_filter": self.in_filter,
+                "out_filter": self.out_filter, "stride": self.stride,
+                "norm_settings": _settings_copy(self._norm_settings)}
 
+
+@keras.saving.register_keras_serializable(package="madry_ns")
 class ResNet18(_Classifier):
     """ResNet-18 for CIFAR as the RNA code (`model/resnet.py`, the kuangliu layout).
 
@@ -431,13 +585,12 @@ class ResNet18(_Classifier):
     (11,173,962 parameters with BN); width=8 (8/16/32/64) is a CPU-sized variant.
 
     Init as released: convs kaiming_normal fan_out, linear N(0, 0.001) with zero bias, norm
-    scales 1 and offsets 0.
+    scales 1 and offsets 0; BN epsilon 1e-5 (PyTorch's). Other settings: `_Classifier`.
     """
 
-    def __init__(self, width: int = 64, num_classes: int = 10, norm_layer: str = "bn",
-                 rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
-        super().__init__(**kwargs)
-        norm = self._norms(width, norm_layer, rna_candidates, epsilon=1e-5)
+    def __init__(self, width: int = 64, bn_epsilon: float = 1e-5, **settings):
+        super().__init__(width=width, bn_epsilon=bn_epsilon, **settings)
+        width, num_classes, norm = self.width, self.num_classes, self._norm_factory()
         self.init_conv = TorchConv2D(width, 3, 1, name="init_conv")
         self.init_bn = norm("init_bn")
         self.block_names = []
@@ -446,7 +599,8 @@ class ResNet18(_Classifier):
             for i in range(2):
                 name = f"block_{s + 1}_{i}"
                 stride = 2 if (s > 0 and i == 0) else 1
-                setattr(self, name, _PostActivationBlock(in_f, f, stride, norm, name=name))
+                setattr(self, name, _PostActivationBlock(in_f, f, stride, self.norm_settings(),
+                                                              name=name))
                 self.block_names.append(name)
                 in_f = f
         self.logit = keras.layers.Dense(
@@ -460,13 +614,17 @@ class ResNet18(_Classifier):
         return self.logit(tf.reduce_mean(x, axis=[1, 2]))
 
 
+@keras.saving.register_keras_serializable(package="madry_ns")
 class _PreActivationBlock(keras.layers.Layer):
     """WRN-34-10's BasicBlock (RNA `model/wide_resnet.py`, as TRADES'): norm-ReLU-conv-
     norm-ReLU-conv; where the shape changes, the shortcut is a 1x1 conv of the activated
     input, otherwise the identity of the raw input. No dropout (dropRate 0)."""
 
-    def __init__(self, in_filter, out_filter, stride, norm, **kwargs):
+    def __init__(self, in_filter, out_filter, stride, norm_settings=None, **kwargs):
         super().__init__(**kwargs)
+        self.in_filter, self.out_filter, self.stride = in_filter, out_filter, stride
+        self._norm_settings = _settings_copy(norm_settings)
+        norm = _norm(norm_settings)
         self.equal_in_out = in_filter == out_filter
         self.bn1 = norm("bn1")
         self.conv1 = TorchConv2D(out_filter, 3, stride, name="conv1")
@@ -481,7 +639,13 @@ class _PreActivationBlock(keras.layers.Layer):
         out = self.conv2(out)
         return out + (x if self.equal_in_out else self.shortcut_conv(activated))
 
+    def get_config(self):
+        return {**super().get_config(), "in_filter": self.in_filter,
+                "out_filter": self.out_filter, "stride": self.stride,
+                "norm_settings": _settings_copy(self._norm_settings)}
 
+
+@keras.saving.register_keras_serializable(package="madry_ns")
 class WRN34(_Classifier):
     """The WRN-34-10 of the RNA code (its "WideResNet32"; TRADES' network).
 
@@ -493,13 +657,13 @@ class WRN34(_Classifier):
     0.1 and avg-pool/zero-pad shortcuts).
 
     Init as released: convs normal(0, sqrt(2 / (k*k*out))), norm scales 1 and offsets 0,
-    linear weights PyTorch's default U(+-1/sqrt(fan_in)) with zero bias.
+    linear weights PyTorch's default U(+-1/sqrt(fan_in)) with zero bias; BN epsilon 1e-5.
+    Other settings: `_Classifier`.
     """
 
-    def __init__(self, width: int = 10, num_classes: int = 10, norm_layer: str = "bn",
-                 rna_candidates=RNA_DEFAULT_CANDIDATES, **kwargs):
-        super().__init__(**kwargs)
-        norm = self._norms(width, norm_layer, rna_candidates, epsilon=1e-5)
+    def __init__(self, width: int = 10, bn_epsilon: float = 1e-5, **settings):
+        super().__init__(width=width, bn_epsilon=bn_epsilon, **settings)
+        width, num_classes = self.width, self.num_classes
         filters = [16, 16 * width, 32 * width, 64 * width]
         self.init_conv = TorchConv2D(16, 3, 1, name="init_conv")
         self.block_names = []
@@ -508,10 +672,10 @@ class WRN34(_Classifier):
                 name = f"block_{s + 1}_{i}"
                 in_f = filters[s] if i == 0 else filters[s + 1]
                 stride = (1, 2, 2)[s] if i == 0 else 1
-                setattr(self, name, _PreActivationBlock(in_f, filters[s + 1], stride, norm,
-                                                        name=name))
+                setattr(self, name, _PreActivationBlock(in_f, filters[s + 1], stride,
+                                                        self.norm_settings(), name=name))
                 self.block_names.append(name)
-        self.final_bn = BatchNorm(epsilon=1e-5, name="final_bn")
+        self.final_bn = self._bn("final_bn")
         self.logit = keras.layers.Dense(
             num_classes, kernel_initializer=keras.initializers.VarianceScaling(
                 **_TORCH_DENSE_INIT), bias_initializer="zeros", name="logit")
@@ -528,31 +692,38 @@ MODEL_CLASSES = {"madry_wrn": MadryWRN, "resnet20": ResNet20, "resnet18": ResNet
                  "wrn34": WRN34}
 
 
-def build_model(config) -> _Classifier:
+def model_settings(config) -> dict:
+    """The constructor keywords of the model a config names (`MODEL_CLASSES[config.model]`).
+    Batch norms are synchronized only under a distribution with `bn_sync: synchronized`."""
+    return {"width": config.model_width or STANDARD_WIDTH[config.model],
+            "norm_layer": config.norm_layer, "rna_candidates": list(config.rna_candidates),
+            "rna_sampling": config.rna_sampling,
+            "weight_decay_on": config.weight_decay_variables,
+            "synchronized": config.bn_sync == "synchronized" and config.distribution != "none"}
+
+
+def build_model(config, input_shape=None, num_classes=None) -> _Classifier:
     """The model a config names, with its variables created (seeded by the caller).
 
-    With `precision` mixed_*, every layer computes in float16/bfloat16 and keeps float32
-    variables (BN statistics included); the policy is set for construction only.
+    `input_shape` (height, width, channels) and `num_classes` default to CIFAR-10's
+    32x32x3 and 10 classes; a dataset of another shape passes its own. With `precision`
+    mixed_*, every layer computes in float16/bfloat16 and keeps float32 variables (BN
+    statistics included); the policy is set for construction only.
     """
     from madry_ns.errors import ConfigError
     from madry_ns.layers import CandidateError
 
-    width = config.model_width or STANDARD_WIDTH[config.model]
     if config.model not in MODEL_CLASSES:  # config validation makes this unreachable
         raise ValueError(f"unknown model {config.model!r}")
     previous = keras.config.dtype_policy()
     if config.precision != "float32":
         keras.config.set_dtype_policy(config.precision)
     try:
-        model = MODEL_CLASSES[config.model](width=width, norm_layer=config.norm_layer,
-                                            rna_candidates=config.rna_candidates)
+        model = MODEL_CLASSES[config.model](
+            input_shape=tuple(input_shape or DEFAULT_INPUT_SHAPE),
+            num_classes=num_classes or 10, **model_settings(config))
     finally:
         keras.config.set_dtype_policy(previous)
-    model.rna_sampling = config.rna_sampling
-    model.weight_decay_on = config.weight_decay_variables
-    if config.bn_sync == "synchronized" and config.distribution != "none":
-        for bn in model.bn_layers():  # before the first call: statistics over all replicas
-            bn.synchronized = True
     try:
         return model.build_for_input()
     except CandidateError as e:

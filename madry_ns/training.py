@@ -6,6 +6,12 @@ one TF1-momentum update on the adversarial batch with mean cross-entropy plus
 `weight_decay * sum(||W||^2 / 2)` over conv and dense kernels. Attack and update are one
 compiled function. Console lines, TensorBoard tags and checkpoint names are Madry's.
 
+Parts, as Madry's train.py is laid out: `setup` builds the model, optimizer, data,
+checkpointer and the training attack (`TrainingAttack`, Madry's `LinfPGDAttack`, built once);
+`run_loop` runs the steps (`TrainStep`, usable on its own), signals, non-finite steps and
+checkpoints; `TrainingReport` writes the console lines and TensorBoard summaries. `train`
+is the three in a row.
+
 Where this differs from Madry, on purpose:
 * `checkpoint-N` is the state after N updates, written before step N's attack (Madry wrote it
   after the attack, whose BN updates it then contained), so resuming from it repeats step N
@@ -87,34 +93,62 @@ def weight_decay_loss(model, variables=None):
     return tf.add_n([tf.nn.l2_loss(v) for v in variables]) if variables else tf.constant(0.0)
 
 
-def make_adversary(model, config):
-    """`fn(x, y, step) -> (x_train, p_clean_logits)`: the batch the update trains on.
+class TrainingAttack:
+    """The training batch of every step, built once from the config and called per step:
+    `attack(x, y, step) -> (x_train, p_clean_logits)`.
 
-    * madry: the whole batch attacked with PGD (xent or cw), Madry's way;
-    * trades: the whole batch attacked with PGD on KL(p_clean || p_adv) from TRADES' start;
-    * with `shaping_ratio` n > 0 the first k = floor(n m / (n + 1)) rows stay clean and the
-      rest are attacked, either through the mixed batch's statistics ('attack_and_train', the
-      method) or as part of a fully attacked batch ('train_only');
-    * natural: the clean batch.
-    The attack runs in `train_attack_bn_mode`. `p_clean_logits` (TRADES only) are the clean
-    batch's logits in that mode, the KL target of the attack. Under a tf.distribute strategy
-    it runs per replica on the local batch; random starts are the replica's rows of a draw for
-    the global batch, so they do not depend on how the batch is split. With RNA layers the
-    attack and the update run on random paths (`rna.with_random_paths`).
+    The counterpart of Madry's `LinfPGDAttack(model, epsilon, num_steps, step_size,
+    random_start, loss_func)`, which train.py constructs once and calls as
+    `perturb(x_nat, y, sess)` on every batch. Settings come from the config: epsilon,
+    num_steps, step_size, random_start, loss_func. Deviations from Madry's class:
+
+    * the random start is a stateless draw of (np_random_seed, step), not numpy's global
+      generator, so a resumed run repeats an uninterrupted one; under a tf.distribute
+      strategy each replica takes its rows of one draw for the global batch, so the start
+      does not depend on how the batch is split;
+    * the attack runs in the BN mode `train_attack_bn_mode` (Madry: `batch_update`, his
+      train-mode model, whose every attack step updated the moving averages; also
+      `batch_frozen` or `population`);
+    * `training_method: trades`: PGD on KL(p_clean || p_adv) from TRADES' Gaussian start
+      (x + trades_init_std * N(0, 1)); `p_clean_logits` are the clean batch's logits in the
+      attack's BN mode, the KL target. Otherwise `p_clean_logits` is None;
+    * `shaping_ratio` n > 0: the first k = floor(n m / (n + 1)) rows stay clean and the rest
+      are attacked, either through the mixed batch's statistics (`shaping_mode:
+      attack_and_train`, the method) or as part of a fully attacked batch (`train_only`);
+    * `training_method: natural`: the clean batch, no attack;
+    * with RNA layers the attack and the update run on random paths
+      (`rna.with_random_paths` wraps the attack);
+    * with synchronized BN under a distribution the PGD loop is unrolled (a cross-replica
+      all-reduce cannot sit inside a tf.while_loop).
+
+    Called inside the training step's compiled function, per replica on the local batch.
     """
-    params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
-                  step_size=config.step_size)
-    trades = config.training_method == "trades"
-    loss = "kl" if trades else config.loss_func
-    bn_mode = config.train_attack_bn_mode
-    ratio = config.shaping_ratio
-    # A cross-replica all-reduce cannot sit inside a tf.while_loop.
-    unroll = config.bn_sync == "synchronized" and config.distribution != "none"
 
-    def start(x, seed):
+    def __init__(self, model, config):
+        self.model, self.config = model, config
+        self.params = dict(epsilon=config.epsilon, num_steps=config.num_steps,
+                           step_size=config.step_size)
+        self.trades = config.training_method == "trades"
+        self.loss = "kl" if self.trades else config.loss_func
+        self.bn_mode = config.train_attack_bn_mode
+        self.ratio = config.shaping_ratio
+        # A cross-replica all-reduce cannot sit inside a tf.while_loop.
+        self.unroll = config.bn_sync == "synchronized" and config.distribution != "none"
+        self._perturb = rna.with_random_paths(model, config, self._perturb_on_path)
+
+    def __call__(self, x, y, step):
+        """`perturb(x, y, step)`."""
+        return self.perturb(x, y, step)
+
+    def perturb(self, x, y, step):
+        """(x_train, p_clean_logits) for the batch (x, y) of training step `step`."""
+        return self._perturb(x, y, step)
+
+    def start(self, x, seed):
         """The attack's starting point for every row of x (this replica's rows)."""
+        config = self.config
         shape = x.shape.as_list()
-        if trades:
+        if self.trades:
             noise = distribute.replica_rows(
                 lambda s: tf.random.stateless_normal(s, seed), shape)
             return x + config.trades_init_std * noise
@@ -124,34 +158,34 @@ def make_adversary(model, config):
             s, seed, minval=-config.epsilon, maxval=config.epsilon), shape)
         return tf.clip_by_value(x + noise, attacks.PIXEL_MIN, attacks.PIXEL_MAX)
 
-    def attack_whole(x, y, seed, p_clean):
-        if trades:
+    def _attack_whole(self, x, y, seed, p_clean):
+        model, bn_mode = self.model, self.bn_mode
+        if self.trades:
             def kl_loss(x_adv):
                 logits = model(x_adv, bn_mode=bn_mode)
                 return tf.reduce_sum(shaping.kl_divergence(tf.stop_gradient(p_clean), logits))
-            return attacks.pgd(kl_loss, x, seed=seed, x_init=start(x, seed), unroll=unroll,
-                               **params)
-        return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed, loss_func=loss,
-                                  x_init=start(x, seed), unroll=unroll, **params)
+            return attacks.pgd(kl_loss, x, seed=seed, x_init=self.start(x, seed),
+                               unroll=self.unroll, **self.params)
+        return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed, loss_func=self.loss,
+                                  x_init=self.start(x, seed), unroll=self.unroll, **self.params)
 
-    def adversary(x, y, step):
+    def _perturb_on_path(self, x, y, step):
+        config, ratio = self.config, self.ratio
         if config.training_method == "natural":
             return x, None
         seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), step])
-        p_clean = model(x, bn_mode=bn_mode) if trades else None
+        p_clean = self.model(x, bn_mode=self.bn_mode) if self.trades else None
         if ratio == 0:
-            return attack_whole(x, y, seed, p_clean), p_clean
+            return self._attack_whole(x, y, seed, p_clean), p_clean
         k, _ = shaping.shaping_split(int(x.shape[0]), ratio)
         if config.shaping_mode == "train_only":
-            x_att = attack_whole(x, y, seed, p_clean)[k:]
+            x_att = self._attack_whole(x, y, seed, p_clean)[k:]
         else:
             x_att = shaping.attack_slice(
-                model, x, y, ratio=ratio, bn_mode=bn_mode, seed=seed, loss=loss,
-                loss_scope=config.shaping_attack_loss, p_clean_logits=p_clean,
-                x_init=start(x, seed)[k:], unroll=unroll, **params)
+                self.model, x, y, ratio=ratio, bn_mode=self.bn_mode, seed=seed,
+                loss=self.loss, loss_scope=config.shaping_attack_loss, p_clean_logits=p_clean,
+                x_init=self.start(x, seed)[k:], unroll=self.unroll, **self.params)
         return tf.concat([x[:k], x_att], 0), p_clean
-
-    return rna.with_random_paths(model, config, adversary)
 
 
 def training_loss(model, config, x, x_train, y):
@@ -187,6 +221,9 @@ class TrainStep:
     """`step(x, y, step) -> metrics`: attack, loss and gradients in one compiled function,
     then, if the loss and every gradient are finite, the update in a second one.
 
+    `attack` is the run's `TrainingAttack` (built from the config when not given). The step
+    holds no loop state, so it can be driven from outside `train()` (a Keras `fit`).
+
     The split lets a non-finite step leave the weights and optimizer untouched without a
     `tf.cond` around `apply_gradients` (which cannot merge across replicas). With
     `on_nonfinite: "skip"` the BN moving statistics the attack and forward changed are put
@@ -198,14 +235,14 @@ class TrainStep:
     `distribute.distribute_batch`, and metrics come back reduced over replicas.
     """
 
-    def __init__(self, model, optimizer, config):
+    def __init__(self, model, optimizer, config, attack: TrainingAttack | None = None):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.strategy = tf.distribute.get_strategy()
         self.train_vars = finetune.trainable_variables(model, config)
         self.bn_stats = [v for bn in model.bn_layers()
                          for v in (bn.moving_mean, bn.moving_variance)]
-        self.adversary = make_adversary(model, config)
+        self.adversary = attack if attack is not None else TrainingAttack(model, config)
         self._compute = tf.function(self._compute_fn)
         self._apply = tf.function(self._apply_fn)
         self._snapshot = tf.function(
@@ -283,9 +320,9 @@ class TrainStep:
         return metrics
 
 
-def make_train_step(model, optimizer, config) -> TrainStep:
+def make_train_step(model, optimizer, config, attack=None) -> TrainStep:
     """See `TrainStep`."""
-    return TrainStep(model, optimizer, config)
+    return TrainStep(model, optimizer, config, attack)
 
 
 class TrainingStopped(UserError):
@@ -312,9 +349,169 @@ def seed_everything(config) -> None:
     keras.utils.set_random_seed(config.tf_random_seed)
 
 
+class TrainingSetup:
+    """What Madry's train.py builds before its loop, built once by `setup(config, out)`:
+    the strategy, model, optimizer, data batches, checkpointer (restored from the latest
+    checkpoint of model_dir, else initialized from `init_checkpoint`), the training attack
+    and the step. `start` is the first step to run; `save(step)` writes `checkpoint-<step>`.
+    """
+
+    def __init__(self, config, out=print):
+        self.config = config
+        self.strategy = strategy = distribute.make_strategy(config)
+        distribute.check_batch(config, strategy.num_replicas_in_sync)
+        self.chief = chief = distribute.is_chief(strategy)
+        self.out = out if chief else _silent  # the chief alone prints
+        seed_everything(config)
+        self.dataset = data.load_dataset(config)
+        with strategy.scope():
+            self.model = model = build_model(config)
+            self.optimizer = optimizer = make_optimizer(config)
+            optimizer.build(finetune.trainable_variables(model, config))
+        if chief:
+            os.makedirs(config.model_dir, exist_ok=True)
+        self.save_dir = distribute.WorkerCheckpointDir(config.model_dir, chief, strategy)
+        self.checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer,
+                                                     save_dir=self.save_dir.path)
+        self.restored = self.checkpointer.restore_latest()
+        self.start = int(optimizer.iterations.numpy())
+        if self.restored:
+            self.out(f"Resuming from {self.restored} at step {self.start}")
+        else:
+            finetune.initialize(model, config, self.out)
+        if config.trainable != "all":  # Madry's console stays as it was for full training
+            self.out(finetune.describe(model, config))
+        if chief:  # keep the configuration with the model for reproducibility (Madry's comment)
+            files.atomic_write_text(os.path.join(config.model_dir, "config.json"),
+                                    config.to_json())
+        self.last_saved = self.restored
+        self.batches = iter(data.train_pipeline(
+            self.dataset.train_images, self.dataset.train_labels, config.training_batch_size,
+            order_seed=config.np_random_seed, augment_seed=config.tf_random_seed,
+            start_step=self.start, augmentation=config.augmentation))
+        with strategy.scope():
+            self.attack = TrainingAttack(model, config)
+            self.train_step = make_train_step(model, optimizer, config, self.attack)
+
+    def save(self, step) -> str:
+        """Write `checkpoint-<step>` (per-replica BN statistics averaged first); its path."""
+        if self.config.bn_sync == "per_replica":
+            distribute.average_bn_statistics(self.strategy, self.model)
+        path = os.path.join(self.config.model_dir,
+                            os.path.basename(self.checkpointer.save(step)))
+        self.last_saved = path
+        return path
+
+
+def setup(config, out=print) -> TrainingSetup:
+    """See `TrainingSetup`."""
+    return TrainingSetup(config, out)
+
+
+class TrainingReport:
+    """Madry's console lines (every `num_output_steps`: clean and adversarial accuracy of
+    the batch, examples per second) and TensorBoard summaries (every `num_summary_steps`).
+
+    The clean accuracy is measured before the step's update (`before_step`), in
+    `finetune.report_bn_mode`; natural training has no attack in its step, so the report
+    attacks the batch itself for the adversarial accuracy. Only the chief writes events.
+    """
+
+    def __init__(self, run: TrainingSetup):
+        self.run, self.config, self.out = run, run.config, run.out
+        self.batch_accuracy = make_batch_accuracy(run.model,
+                                                  finetune.report_bn_mode(run.config))
+        self._nat_accuracy_attack = None
+        self.writer = tf.summary.create_file_writer(run.config.model_dir) if run.chief \
+            else tf.summary.create_noop_writer()
+        self.training_time = 0.0
+        self.last_report = None
+        self._nat_acc = None
+
+    def reports(self, ii) -> bool:
+        """Whether step `ii` prints Madry's console lines."""
+        return ii % self.config.num_output_steps == 0
+
+    def before_step(self, ii, x, y) -> None:
+        """Measure the clean accuracy of the batch of a reporting step, before its update."""
+        if self.reports(ii):
+            self._nat_acc = float(self.batch_accuracy(x, y))
+
+    def add_time(self, seconds: float) -> None:
+        """Count a step's duration towards the next examples-per-second line."""
+        self.training_time += seconds
+
+    def after_step(self, ii, x, y, metrics) -> None:
+        """The console lines and summaries of a step whose update went through."""
+        config, out = self.config, self.out
+        if self.reports(ii):
+            adv_acc = float(metrics["adv_accuracy"])
+            if config.training_method == "natural":
+                adv_acc = self._natural_adv_accuracy(ii, x, y)
+            out(f"Step {ii}:    ({datetime.datetime.now()})")
+            out(f"    training nat accuracy {self._nat_acc * 100:.4}%")
+            out(f"    training adv accuracy {adv_acc * 100:.4}%")
+            if self.last_report is not None:
+                rate = config.num_output_steps * config.training_batch_size / self.training_time
+                out(f"    {rate} examples per second")
+            self.last_report = ii
+            self.training_time = 0.0
+        if ii % config.num_summary_steps == 0:
+            _write_summaries(self.writer, ii, metrics)
+
+    def _natural_adv_accuracy(self, ii, x, y) -> float:
+        # No attack in the step: measure this batch's robustness for the report.
+        config = self.config
+        if self._nat_accuracy_attack is None:
+            self._nat_accuracy_attack = attacks.compile_pgd(
+                self.run.model, config, finetune.report_bn_mode(config))
+        x_pgd = self._nat_accuracy_attack(
+            x, y, tf.constant([config.np_random_seed, ii], tf.int64))
+        return float(self.batch_accuracy(x_pgd, y))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+def run_loop(run: TrainingSetup, report: TrainingReport) -> str:
+    """Madry's loop from `run.start` to max_num_training_steps; the final checkpoint path.
+
+    Per step: stop on a signal (saving `checkpoint-<step>` first), take the batch, write
+    the periodic checkpoint (before the step's attack, so resuming repeats the step), run
+    the step, handle a non-finite step (`_nonfinite`), report.
+    """
+    config = run.config
+    with _StopOnSignals() as stop:
+        for ii in range(run.start, config.max_num_training_steps):
+            if stop.signum is not None:
+                path = run.last_saved if (run.last_saved and checkpoints.checkpoint_step(
+                    run.last_saved) == ii) else run.save(ii)
+                raise TrainingStopped(
+                    f"interrupted by {signal.Signals(stop.signum).name} at step {ii}: "
+                    f"saved {path}; run train.py again to resume", 128 + stop.signum)
+            step, x, y = next(run.batches)
+            if ii % config.num_checkpoint_steps == 0 and not (run.restored and ii == run.start):
+                run.save(ii)
+            report.before_step(ii, x, y)
+            t0 = time.perf_counter()
+            metrics = run.train_step(*distribute.distribute_batch(run.strategy, x, y), step)
+            finite = bool(metrics["finite"])  # also waits for the step to finish
+            report.add_time(time.perf_counter() - t0)
+            if not finite or not metrics.get("weights_finite", True):
+                _nonfinite(config, ii, metrics, run.last_saved, run.out)
+                continue
+            report.after_step(ii, x, y, metrics)
+        report.flush()
+        if run.restored and run.start >= config.max_num_training_steps:
+            return run.restored
+        return run.save(config.max_num_training_steps)
+
+
 def train(config, out=print) -> str:
     """Train as `python train.py` does; return the final checkpoint path.
 
+    `setup` (model, optimizer, data, checkpointer, attack), `run_loop` (steps, signals,
+    non-finite steps, checkpoints) and `TrainingReport` (console, TensorBoard).
     SIGINT and SIGTERM finish the running step, write `checkpoint-<step>` and raise
     `TrainingStopped` (exit status 128 + signal); running again resumes there. A non-finite
     loss, gradient or weight stops training (`on_nonfinite: "stop"`) without saving, so the
@@ -322,101 +519,10 @@ def train(config, out=print) -> str:
     and `model_dir/nonfinite.jsonl`). With `distribution` set, the same loop runs under a
     tf.distribute strategy (see `madry_ns.distribute`); only the chief writes.
     """
-    strategy = distribute.make_strategy(config)
-    distribute.check_batch(config, strategy.num_replicas_in_sync)
-    chief = distribute.is_chief(strategy)
-    if not chief:
-        out = _silent  # noqa: F811  the chief alone prints
-    seed_everything(config)
-    dataset = data.load_dataset(config)
-    with strategy.scope():
-        model = build_model(config)
-        optimizer = make_optimizer(config)
-        optimizer.build(finetune.trainable_variables(model, config))
-    if chief:
-        os.makedirs(config.model_dir, exist_ok=True)
-    save_dir = distribute.WorkerCheckpointDir(config.model_dir, chief, strategy)
-    checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer,
-                                            save_dir=save_dir.path)
-    restored = checkpointer.restore_latest()
-    start = int(optimizer.iterations.numpy())
-    if restored:
-        out(f"Resuming from {restored} at step {start}")
-    else:
-        finetune.initialize(model, config, out)
-    if config.trainable != "all":  # Madry's console stays as it was for full training
-        out(finetune.describe(model, config))
-    if chief:  # keep the configuration with the model for reproducibility (Madry's comment)
-        files.atomic_write_text(os.path.join(config.model_dir, "config.json"),
-                                config.to_json())
-
-    def save(step):
-        if config.bn_sync == "per_replica":
-            distribute.average_bn_statistics(strategy, model)
-        return os.path.join(config.model_dir,
-                            os.path.basename(checkpointer.save(step)))
-
-    batches = iter(data.train_pipeline(
-        dataset.train_images, dataset.train_labels, config.training_batch_size,
-        order_seed=config.np_random_seed, augment_seed=config.tf_random_seed,
-        start_step=start, augmentation=config.augmentation))
-    with strategy.scope():
-        train_step = make_train_step(model, optimizer, config)
-    batch_accuracy = make_batch_accuracy(model, finetune.report_bn_mode(config))
-    nat_accuracy_attack = None
-    writer = tf.summary.create_file_writer(config.model_dir) if chief else \
-        tf.summary.create_noop_writer()
-    training_time = 0.0
-    last_report = None
-    last_saved = restored
-
+    run = setup(config, out)
+    report = TrainingReport(run)
     try:
-        with _StopOnSignals() as stop:
-            for ii in range(start, config.max_num_training_steps):
-                if stop.signum is not None:
-                    path = last_saved if (last_saved and
-                                          checkpoints.checkpoint_step(last_saved) == ii) \
-                        else save(ii)
-                    raise TrainingStopped(
-                        f"interrupted by {signal.Signals(stop.signum).name} at step {ii}: "
-                        f"saved {path}; run train.py again to resume", 128 + stop.signum)
-                step, x, y = next(batches)
-                if ii % config.num_checkpoint_steps == 0 and not (restored and ii == start):
-                    last_saved = save(ii)
-                report = ii % config.num_output_steps == 0
-                if report:
-                    nat_acc = float(batch_accuracy(x, y))
-                t0 = time.perf_counter()
-                metrics = train_step(*distribute.distribute_batch(strategy, x, y), step)
-                finite = bool(metrics["finite"])  # also waits for the step to finish
-                training_time += time.perf_counter() - t0
-                if not finite or not metrics.get("weights_finite", True):
-                    _nonfinite(config, ii, metrics, last_saved, out)
-                    continue
-                if report:
-                    adv_acc = float(metrics["adv_accuracy"])
-                    if config.training_method == "natural":
-                        # No attack in the step: measure this batch's robustness for the report.
-                        if nat_accuracy_attack is None:
-                            nat_accuracy_attack = attacks.compile_pgd(
-                                model, config, finetune.report_bn_mode(config))
-                        x_pgd = nat_accuracy_attack(
-                            x, y, tf.constant([config.np_random_seed, ii], tf.int64))
-                        adv_acc = float(batch_accuracy(x_pgd, y))
-                    out(f"Step {ii}:    ({datetime.datetime.now()})")
-                    out(f"    training nat accuracy {nat_acc * 100:.4}%")
-                    out(f"    training adv accuracy {adv_acc * 100:.4}%")
-                    if last_report is not None:
-                        out(f"    {config.num_output_steps * config.training_batch_size / training_time}"
-                            f" examples per second")
-                    last_report = ii
-                    training_time = 0.0
-                if ii % config.num_summary_steps == 0:
-                    _write_summaries(writer, ii, metrics)
-            writer.flush()
-            if restored and start >= config.max_num_training_steps:
-                return restored
-            return save(config.max_num_training_steps)
+        return run_loop(run, report)
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError, tf.errors.AbortedError) as e:
         if config.distribution != "multi_worker":
@@ -426,7 +532,7 @@ def train(config, out=print) -> str:
             f"Restart every worker: they resume from the latest checkpoint "
             f"({tf.train.latest_checkpoint(config.model_dir) or 'none yet'}).", 1) from None
     finally:
-        save_dir.cleanup()
+        run.save_dir.cleanup()
 
 
 def _silent(*args, **kwargs):

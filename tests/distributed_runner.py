@@ -65,7 +65,7 @@ def main():
             model = build_model(config)
         result["replicas"] = strategy.num_replicas_in_sync
         if "--probe" in args:
-            adversary = training.make_adversary(model, config)
+            adversary = training.TrainingAttack(model, config)
             rng = np.random.default_rng(0)
             x = tf.constant(rng.uniform(0, 255, (config.training_batch_size, 32, 32, 3))
                             .astype(np.float32))

@@ -310,3 +310,108 @@ def test_build_model_width_override():
     assert isinstance(model, MadryWRN) and model.width == 1
     assert _count(model.trainable_variables) == sum(
         int(np.prod(s)) for n, s in madry_tf1_shapes(1).items() if "moving" not in n)
+
+
+# ----------------------------------------------------------------------------------------
+# Every setting in the config; .keras files; other input shapes; fine-tuning's parts
+
+from madry_ns import finetune, models  # noqa: E402
+
+TINY_WIDTH = {"madry_wrn": 1, "resnet20": 1, "resnet18": 4, "wrn34": 1}
+NOT_DEFAULT = dict(num_classes=5, input_shape=(20, 24, 1), norm_layer="rna",
+                   rna_candidates=["bn", "ln"], rna_sampling="network", bn_epsilon=2e-4,
+                   bn_momentum=0.8, synchronized=True, weight_decay_on="all")
+
+
+@pytest.mark.parametrize("name", sorted(models.MODEL_CLASSES))
+def test_get_config_round_trips_every_setting(name):
+    cls = models.MODEL_CLASSES[name]
+    model = cls(width=TINY_WIDTH[name] + 1, **NOT_DEFAULT)
+    config = model.get_config()
+    for key, value in {"width": TINY_WIDTH[name] + 1, **NOT_DEFAULT}.items():
+        assert config[key] == (list(value) if isinstance(value, tuple) else value), key
+    twin = cls.from_config(config)
+    assert type(twin) is cls and twin.get_config() == config
+    twin.build_for_input()
+    model.build_for_input()
+    assert [(v.path, v.shape) for v in twin.variables] == \
+        [(v.path, v.shape) for v in model.variables]
+    # The settings reach the layers: every batch norm, RNA's BN candidates included.
+    bns = model.bn_layers()
+    assert bns and all(bn.synchronized for bn in bns)
+    assert all(layer.candidates == ("bn", "ln") for layer in model.rna_layers())
+    if name in ("madry_wrn", "wrn34"):  # the final BN stays a BatchNorm with the model's own
+        assert (model.final_bn.epsilon, model.final_bn.momentum) == (2e-4, 0.8)
+    assert model.num_paths() == 2 and model.decay_variables() == model.trainable_variables
+    # Defaults: each model's own BN epsilon, CIFAR-10's shape.
+    plain = cls().get_config()
+    assert plain["bn_epsilon"] == (1e-3 if name in ("madry_wrn", "resnet20") else 1e-5)
+    assert (plain["input_shape"], plain["num_classes"]) == ([32, 32, 3], 10)
+
+
+def _randomized(model, seed=0):
+    """Non-trivial weights and statistics, and a non-zero RNA path."""
+    rng = np.random.default_rng(seed)
+    for var in model.variables:
+        if var.dtype == "int32":
+            continue
+        low = "variance" in var.path or "gamma" in var.path
+        var.assign((rng.uniform(0.5, 1.5, var.shape) if low else
+                    rng.normal(0, 0.3, var.shape)).astype(np.float32))
+    if model.rna_layers():
+        model.set_path([i % 2 for i in range(len(model.rna_layers()))])
+    return model
+
+
+@pytest.mark.parametrize("norm_layer", ["bn", "rna"])
+@pytest.mark.parametrize("name", sorted(models.MODEL_CLASSES))
+def test_keras_file_restores_the_logits_in_each_bn_mode(tmp_path, name, norm_layer):
+    keras.utils.set_random_seed(0)
+    cls = models.MODEL_CLASSES[name]
+    model = _randomized(cls(width=TINY_WIDTH[name], norm_layer=norm_layer,
+                            input_shape=(16, 16, 3)).build_for_input())
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is cls and loaded.get_config() == model.get_config()
+    assert [p for p in loaded.path().numpy()] == [p for p in model.path().numpy()]
+    x = tf.constant(np.random.default_rng(1).uniform(0, 255, (6, 16, 16, 3)), tf.float32)
+    for mode in ("population", "batch_frozen"):
+        np.testing.assert_array_equal(loaded(x, bn_mode=mode).numpy(),
+                                      model(x, bn_mode=mode).numpy(), err_msg=mode)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODEL_CLASSES))
+def test_another_input_shape_and_class_count_build_and_run(name):
+    config = config_lib.from_dict({"model": name, "model_width": TINY_WIDTH[name]})
+    model = build_model(config, input_shape=(28, 28, 1), num_classes=5)
+    assert (model.image_shape, model.num_classes) == ((28, 28, 1), 5)
+    assert model.first_conv().kernel.shape[2] == 1
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)), tf.float32)
+    for mode in ("population", "batch_update", "batch_frozen"):
+        assert model(x, bn_mode=mode).shape == (3, 5)
+
+
+def test_build_model_passes_the_config_settings():
+    config = config_lib.from_dict({"model": "resnet20", "norm_layer": "rna",
+                                   "rna_candidates": ["bn", "gn_2"], "rna_sampling": "network",
+                                   "weight_decay_variables": "all"})
+    model = build_model(config)
+    c = model.get_config()
+    assert (c["norm_layer"], c["rna_candidates"], c["rna_sampling"], c["weight_decay_on"],
+            c["synchronized"]) == ("rna", ["bn", "gn_2"], "network", "all", False)
+    synced = build_model(config.replace(bn_sync="synchronized", distribution="mirrored"))
+    assert synced.get_config()["synchronized"] and all(bn.synchronized
+                                                       for bn in synced.bn_layers())
+
+
+@pytest.mark.parametrize("name", sorted(models.MODEL_CLASSES))
+def test_fine_tuning_parts_are_the_first_conv_and_the_logit_layer(name):
+    model = models.MODEL_CLASSES[name](width=TINY_WIDTH[name]).build_for_input()
+    assert model.first_conv() is model.init_conv and model.logit_layer() is model.logit
+    config = config_lib.from_dict({"model": name, "trainable": "bn+logits+conv1"})
+    chosen = {id(v) for v in finetune.trainable_variables(model, config)}
+    bn = {id(v) for b in model.bn_layers() for v in (b.gamma, b.beta)}
+    # As before the methods: the BN affine parameters, init_conv's kernel and the logits.
+    assert chosen == bn | {id(model.init_conv.kernel), id(model.logit.kernel),
+                           id(model.logit.bias)}

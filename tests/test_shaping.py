@@ -71,7 +71,7 @@ def test_attack_and_train_keeps_the_clean_slice_bit_identical_and_respects_the_b
     model = _model()
     config = _config(shaping_ratio=3)
     x, y = _batch(8)
-    x_train, _ = training.make_adversary(model, config)(x, y, tf.constant(0, tf.int64))
+    x_train, _ = training.TrainingAttack(model, config)(x, y, tf.constant(0, tf.int64))
     k = 6
     np.testing.assert_array_equal(x_train[:k].numpy(), x[:k].numpy())
     delta = np.abs(x_train[k:].numpy() - x[k:].numpy())
@@ -132,8 +132,8 @@ def test_train_only_mode_mixes_the_clean_first_rows_with_a_whole_batch_attack():
     step = tf.constant(3, tf.int64)
     config = _config(shaping_ratio=3, shaping_mode="train_only",
                      train_attack_bn_mode="batch_frozen")
-    x_train, _ = training.make_adversary(model, config)(x, y, step)
-    whole, _ = training.make_adversary(model, config.replace(shaping_ratio=0))(x, y, step)
+    x_train, _ = training.TrainingAttack(model, config)(x, y, step)
+    whole, _ = training.TrainingAttack(model, config.replace(shaping_ratio=0))(x, y, step)
     np.testing.assert_array_equal(x_train[:6].numpy(), x[:6].numpy())
     np.testing.assert_array_equal(x_train[6:].numpy(), whole[6:].numpy())
 
@@ -194,7 +194,7 @@ def test_trades_attack_increases_the_kl_from_the_clean_prediction():
     config = _config(training_method="trades", train_attack_bn_mode="population",
                      num_steps=5)
     x, y = _batch(8)
-    x_adv, p_clean = training.make_adversary(model, config)(x, y, tf.constant(0, tf.int64))
+    x_adv, p_clean = training.TrainingAttack(model, config)(x, y, tf.constant(0, tf.int64))
     start = x + config.trades_init_std * tf.random.stateless_normal(
         x.shape, tf.constant([config.np_random_seed, 0], tf.int64))
     kl = lambda z: float(tf.reduce_sum(shaping.kl_divergence(  # noqa: E731

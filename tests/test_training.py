@@ -454,3 +454,21 @@ def test_training_again_after_the_last_step_changes_nothing(runs, tmp_path):
     again, lines = _train(config)
     assert again == final and lines == [f"Resuming from {final} at step {MAX_STEPS}"]
     _assert_same_state(before, _read_checkpoint(final))
+
+
+def test_setup_loop_and_report_by_hand_equal_train(tmp_path, tiny_config):
+    """`train()` is setup + run_loop + TrainingReport; the attack is built once in setup
+    and is the one the step calls."""
+    config = tiny_config(tmp_path / "a", max_num_training_steps=2)
+    final = training.train(config, out=lambda line: None)
+    by_hand = config.replace(model_dir=str(tmp_path / "b" / "model"))
+    run = training.setup(by_hand, out=lambda line: None)
+    assert isinstance(run.attack, training.TrainingAttack)
+    assert run.train_step.adversary is run.attack
+    path = training.run_loop(run, training.TrainingReport(run))
+    a, b = tf.train.load_checkpoint(final), tf.train.load_checkpoint(path)
+    keys = [k for k in a.get_variable_to_shape_map() if not k.startswith("_CHECKPOINTABLE")]
+    assert keys and sorted(keys) == sorted(k for k in b.get_variable_to_shape_map()
+                                           if not k.startswith("_CHECKPOINTABLE"))
+    for key in keys:
+        np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
