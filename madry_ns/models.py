@@ -705,8 +705,9 @@ def model_settings(config) -> dict:
 def build_model(config, input_shape=None, num_classes=None) -> _Classifier:
     """The model a config names, with its variables created (seeded by the caller).
 
-    `input_shape` (height, width, channels) and `num_classes` default to CIFAR-10's
-    32x32x3 and 10 classes; a dataset of another shape passes its own. With `precision`
+    `input_shape` (height, width, channels) and `num_classes` default to those of the
+    config's dataset (`data.image_shape`, `data.num_classes`: CIFAR-10's 32x32x3 and 10
+    classes for Madry's config), read without loading the data. With `precision`
     mixed_*, every layer computes in float16/bfloat16 and keeps float32 variables (BN
     statistics included); the policy is set for construction only.
     """
@@ -718,10 +719,14 @@ def build_model(config, input_shape=None, num_classes=None) -> _Classifier:
     previous = keras.config.dtype_policy()
     if config.precision != "float32":
         keras.config.set_dtype_policy(config.precision)
+    if input_shape is None or num_classes is None:
+        from madry_ns import data
+
+        input_shape = input_shape or data.image_shape(config)
+        num_classes = num_classes or data.num_classes(config)
     try:
         model = MODEL_CLASSES[config.model](
-            input_shape=tuple(input_shape or DEFAULT_INPUT_SHAPE),
-            num_classes=num_classes or 10, **model_settings(config))
+            input_shape=tuple(input_shape), num_classes=num_classes, **model_settings(config))
     finally:
         keras.config.set_dtype_policy(previous)
     try:

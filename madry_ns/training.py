@@ -34,7 +34,8 @@ import time
 import keras
 import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, distribute, files, finetune, rna, shaping
+from madry_ns import (attacks, checkpoints, data, distribute, files, finetune, rna, seeds,
+                      shaping)
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -173,7 +174,7 @@ class TrainingAttack:
         config, ratio = self.config, self.ratio
         if config.training_method == "natural":
             return x, None
-        seed = tf.stack([tf.constant(config.np_random_seed, tf.int64), step])
+        seed = seeds.training(config, step)
         p_clean = self.model(x, bn_mode=self.bn_mode) if self.trades else None
         if ratio == 0:
             return self._attack_whole(x, y, seed, p_clean), p_clean
@@ -465,8 +466,7 @@ class TrainingReport:
         if self._nat_accuracy_attack is None:
             self._nat_accuracy_attack = attacks.compile_pgd(
                 self.run.model, config, finetune.report_bn_mode(config))
-        x_pgd = self._nat_accuracy_attack(
-            x, y, tf.constant([config.np_random_seed, ii], tf.int64))
+        x_pgd = self._nat_accuracy_attack(x, y, seeds.training(config, ii))
         return float(self.batch_accuracy(x_pgd, y))
 
     def flush(self) -> None:
