@@ -37,14 +37,16 @@ class Checkpointer:
     """Saves and restores (model, optimizer) in `model_dir`, Madry's names.
 
     `save_dir` (default model_dir) is where saves go: a non-chief multi-worker task restores
-    from model_dir like everyone but saves into a folder of its own.
+    from model_dir like everyone but saves into a folder of its own. The newest
+    `max_to_keep` checkpoints are kept (0: all of them).
     """
 
-    def __init__(self, model_dir: str, model, optimizer, save_dir: str | None = None):
+    def __init__(self, model_dir: str, model, optimizer, save_dir: str | None = None,
+                 max_to_keep: int = MAX_TO_KEEP):
         self.model_dir = model_dir
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, save_dir or model_dir, max_to_keep=MAX_TO_KEEP,
+            self.checkpoint, save_dir or model_dir, max_to_keep=max_to_keep or None,
             checkpoint_name=CHECKPOINT_NAME)
 
     def save(self, step: int) -> str:

@@ -373,7 +373,8 @@ class TrainingSetup:
             os.makedirs(config.model_dir, exist_ok=True)
         self.save_dir = distribute.WorkerCheckpointDir(config.model_dir, chief, strategy)
         self.checkpointer = checkpoints.Checkpointer(config.model_dir, model, optimizer,
-                                                     save_dir=self.save_dir.path)
+                                                     save_dir=self.save_dir.path,
+                                                     max_to_keep=config.max_to_keep)
         self.restored = self.checkpointer.restore_latest()
         self.start = int(optimizer.iterations.numpy())
         if self.restored:

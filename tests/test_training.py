@@ -472,3 +472,13 @@ def test_setup_loop_and_report_by_hand_equal_train(tmp_path, tiny_config):
                                            if not k.startswith("_CHECKPOINTABLE"))
     for key in keys:
         np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+
+
+@pytest.mark.parametrize("max_to_keep, kept", [(1, [3]), (0, [0, 1, 2, 3])])
+def test_max_to_keep_keeps_the_newest_checkpoints_or_all(tmp_path, tiny_config, max_to_keep,
+                                                         kept):
+    config = tiny_config(tmp_path, training_method="natural", max_num_training_steps=3,
+                         num_checkpoint_steps=1, max_to_keep=max_to_keep)
+    training.train(config, out=lambda *_: None)
+    assert _checkpoint_files(config.model_dir) == kept
+    assert tf.train.latest_checkpoint(config.model_dir).endswith("checkpoint-3")
