@@ -282,8 +282,16 @@ def load_model(path: str):
     `path` is a model_dir (its latest checkpoint) or a checkpoint prefix, in Madry's TF1
     format (fetch_model.py's `models/adv_trained/checkpoint-70000`) or ours. For TF1 the
     architecture is Madry's WRN-34 with the width read from the checkpoint; for ours it comes
-    from the `config.json` train.py writes into model_dir (next to the checkpoint).
+    from the `config.json` train.py writes into model_dir (next to the checkpoint). A
+    `.keras` file (`model.save("m.keras")`) is read by Keras, its classes registered by
+    `madry_ns.models`.
     """
+    if str(path).endswith(".keras"):
+        import keras
+
+        if not os.path.isfile(path):
+            raise CheckpointError(f"model file '{path}' does not exist")
+        return keras.saving.load_model(path)
     prefix = resolve(path)
     if is_madry_tf1(prefix):
         model = models.MadryWRN(width=madry_tf1_width(prefix)).build_for_input()

@@ -415,3 +415,16 @@ def test_fine_tuning_parts_are_the_first_conv_and_the_logit_layer(name):
     # As before the methods: the BN affine parameters, init_conv's kernel and the logits.
     assert chosen == bn | {id(model.init_conv.kernel), id(model.logit.kernel),
                            id(model.logit.bias)}
+
+
+def test_load_model_reads_keras_files(tmp_path):
+    import madry_ns
+
+    model = _randomized(models.ResNet20(width=1, input_shape=(16, 16, 3)).build_for_input())
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = madry_ns.load_model(path)
+    x = tf.constant(np.random.default_rng(2).uniform(0, 255, (4, 16, 16, 3)), tf.float32)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    with pytest.raises(madry_ns.checkpoints.CheckpointError, match="does not exist"):
+        madry_ns.load_model(str(tmp_path / "missing.keras"))
