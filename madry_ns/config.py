@@ -122,9 +122,6 @@ class Config:
     num_output_steps: int = _key(100, "Console report every N steps", _positive, madry=True)
     num_summary_steps: int = _key(100, "TensorBoard summaries every N steps", _positive, madry=True)
     num_checkpoint_steps: int = _key(1000, "Checkpoint every N steps", _positive, madry=True)
-    max_to_keep: int = _key(
-        3, "Checkpoints kept in model_dir, the newest (Madry's tf.train.Saver(max_to_keep=3)); "
-        "0 keeps every one", _non_negative)
     training_batch_size: int = _key(128, "Training batch size", _positive, madry=True)
     step_size_schedule: list = _key(
         [[0, 0.1], [40000, 0.01], [60000, 0.001]], "Piecewise-constant learning rate [[step, lr], ...]", _schedule,
@@ -266,6 +263,9 @@ class Config:
     reset_bn_stats: bool = _key(
         False, "With init_checkpoint: reset the BN moving mean/variance to 0/1 before "
         "training (BN STATS (reset))")
+    max_to_keep: int = _key(
+        3, "Checkpoints kept in model_dir, the newest (Madry's tf.train.Saver(max_to_keep=3)); "
+        "0 keeps every one", _non_negative)
 
     def replace(self, **changes) -> "Config":
         """A copy with some keys changed, validated like a loaded file."""
