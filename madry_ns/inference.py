@@ -231,7 +231,7 @@ def forward(model, config, dataset, key: str | None = None) -> Forward:
                           f"(madry_ns.layers.BatchNorm, called with bn_mode=...); this model "
                           f"has none: use 'population'")
     if mode.bn_mode is not None and rna.has_rna(model):
-        on_path = path_forward(model, config)
+        on_path = path_forward(model, config, mode.key)
         if config.rna_inference_path == "fixed":
             fixed = [config.inference_seed, 0]
 
@@ -244,13 +244,13 @@ def forward(model, config, dataset, key: str | None = None) -> Forward:
     return Forward(mode, config, mode.build(model, config, dataset))
 
 
-def path_forward(model, config):
-    """`fn(x, path_seed) -> logits`: the config's mode on the random path drawn from
-    `path_seed` (RNA; a model without RNA layers ignores the seed). For modes that are one
-    network forward ('population', 'batch')."""
+def path_forward(model, config, key: str | None = None):
+    """`fn(x, path_seed) -> logits`: mode `key` (default the config's) on the random path
+    drawn from `path_seed` (RNA; a model without RNA layers ignores the seed). For modes that
+    are one network forward ('population', 'batch')."""
     from madry_ns import rna
 
-    mode = get(config.inference_bn)
+    mode = get(key or config.inference_bn)
     if mode.bn_mode is None:
         raise ConfigError(f"inference_bn {mode.key!r} cannot run on a random path; RNA "
                           f"models classify with 'population' or 'batch'")
