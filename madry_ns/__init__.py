@@ -19,4 +19,16 @@ def load_model(path: str):
     return checkpoints.load_model(path)
 
 
-__all__ = ["load_model"]
+def evaluate_model(model, x, y, **kwargs):
+    """The evaluation suite on arrays: `model` (any Keras model mapping images to logits)
+    on images `x` and labels `y`, under the suite's attacks and inference modes; returns a
+    `madry_ns.evaluate.Result` (`.markdown()`, `.to_json()`, `.save(folder)`,
+    `.to_dataframe()`, `.accuracy`, `.per_image`, ...). Keywords: `epsilon` (on the images'
+    `pixel_scale`, 255.0 or 1.0), `attacks`, `modes`, `references`, `batch_size`, `seed`,
+    `num_steps`, `step_size`, budgets; see `madry_ns.evaluate.api.evaluate_model`."""
+    from madry_ns.evaluate.api import evaluate_model as run
+
+    return run(model, x, y, **kwargs)
+
+
+__all__ = ["evaluate_model", "load_model"]

@@ -66,3 +66,22 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
     name ending in .npy)."""
     with atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """PNG written to a temporary name and renamed: never a half-written figure."""
+    plt = pyplot()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -128,7 +128,8 @@ def test_every_attack_lowers_accuracy_where_it_was_generated(result):
     BN, adaptive rows in their own column), is below clean accuracy."""
     rows = _rows(result)
     for key, row in rows.items():
-        where = {"pn": "pn", "shaping": "bn"}.get(evaluate.ROW[key].generation)
+        where = {"population": "population", "shaping": "batch"}.get(
+            evaluate.ROW[key].generation)
         for mode, acc in row["accuracy"].items():
             if where in (None, mode):
                 assert acc < result["clean"][mode], (key, mode)
@@ -182,7 +183,7 @@ def test_pn_generated_attacks_transfer_badly_when_population_statistics_are_off(
 def test_deepfool_moves_less_than_a_successful_pgd(result):
     rows = _rows(result)
     assert rows["deepfool"]["perturbation"]["l2_median"] < rows["pgd"]["perturbation"]["l2_median"]
-    assert rows["deepfool"]["accuracy"]["pn"] < 0.1  # unbounded: it nearly always succeeds
+    assert rows["deepfool"]["accuracy"]["population"] < 0.1  # unbounded: it nearly always succeeds
 
 
 def test_worst_case_is_per_image_over_the_bounded_attacks(result, config):
@@ -199,11 +200,11 @@ def test_sanity_checks_pass_on_an_honest_model(result):
         assert entry["large_epsilon"]["accuracy"]["255"] <= 0.05
     # PN's clean predictions never depend on the batch; its PGD differs only by the random
     # starts (drawn per batch), within the noise margin; BN's dependence is reported
-    sizes = checks["pn"]["batch_size"]
+    sizes = checks["population"]["batch_size"]
     assert len({v["clean"] for v in sizes["accuracy"].values()}) == 1
-    assert not sizes["flag"] and sizes["spread"] <= checks["pn"]["more_steps"]["noise_margin"]
-    assert not checks["bn"]["batch_size"]["flag"]
-    assert set(checks["pn"]["batch_size"]["accuracy"]) == {"10", "20", "40"}
+    assert not sizes["flag"] and sizes["spread"] <= checks["population"]["more_steps"]["noise_margin"]
+    assert not checks["batch"]["batch_size"]["flag"]
+    assert set(checks["population"]["batch_size"]["accuracy"]) == {"10", "20", "40"}
 
 
 def test_sanity_checks_flag_a_gradient_masked_model(digits, config):
@@ -211,7 +212,7 @@ def test_sanity_checks_flag_a_gradient_masked_model(digits, config):
     result = evaluate.evaluate(masked, digits, config,
                                evaluate.Settings(**FAST, attacks=("fgsm", "adaptive"),
                                                  modes=("pn",)), out=lambda *_: None)
-    check = result["sanity"]["checks"]["pn"]
+    check = result["sanity"]["checks"]["population"]
     assert check["large_epsilon"]["flag"]
     assert any("eps 255" in f for f in result["sanity"]["flags"])
     md = evaluate.markdown(result)
@@ -246,14 +247,14 @@ def test_an_interrupted_evaluation_keeps_the_rows_it_finished(shaped_model, digi
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [row["key"] for row in saved["rows"]] == ["fgsm"]
     assert saved["incomplete"] == {"pending_attacks": ["pgd", "mim"], "sanity_pending": False}
-    assert saved["worst_case"]["pn"]["attacks"] == ["fgsm"]
+    assert saved["worst_case"]["population"]["attacks"] == ["fgsm"]
     md = (tmp_path / "results.md").read_text()
     assert "**Incomplete**" in md and "still to run: pgd, mim." in md
     with np.load(tmp_path / "per_image.npz", allow_pickle=False) as z:
-        assert sorted(z.files) == ["clean__bn", "clean__pn", "clean__shaped", "fgsm__bn",
-                                   "fgsm__pn", "fgsm__shaped", "labels"]
-        assert z["fgsm__pn"].mean() == saved["rows"][0]["accuracy"]["pn"]
-        assert z["clean__bn"].mean() == saved["clean"]["bn"]
+        assert sorted(z.files) == ["clean__batch", "clean__population", "clean__shaped",
+                                   "fgsm__batch", "fgsm__population", "fgsm__shaped", "labels"]
+        assert z["fgsm__population"].mean() == saved["rows"][0]["accuracy"]["population"]
+        assert z["clean__batch"].mean() == saved["clean"]["batch"]
 
 
 def _interrupt(model, digits, config, tmp_path, monkeypatch, stop_at, chosen=RESUME_SETTINGS):
@@ -317,8 +318,8 @@ def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits
         evaluate.load_previous(str(tmp_path), {**same, "num_examples": 40})
     assert evaluate.load_previous(str(tmp_path / "nothing"), same) is None
     previous = evaluate.load_previous(str(tmp_path), same)
-    previous["clean"]["pn"] = ~previous["clean"]["pn"]  # as if the checkpoint had changed
-    with pytest.raises(ConfigError, match="clean predictions under pn differ"):
+    previous["clean"]["population"] = ~previous["clean"]["population"]  # as if the checkpoint had changed
+    with pytest.raises(ConfigError, match="clean predictions under population differ"):
         evaluate.evaluate(shaped_model, digits, config,
                           evaluate.Settings(**{**FAST, **RESUME_SETTINGS}),
                           out=lambda *_: None, previous=previous)
@@ -341,7 +342,7 @@ def test_bad_settings_and_configs_are_clear_errors(config):
     with pytest.raises(ConfigError, match="--attacks .*expected"):
         evaluate.Settings(attacks=("pgd", "bogus"))
     with pytest.raises(ConfigError, match="--modes"):
-        evaluate.Settings(modes=("shaped", "batch"))
+        evaluate.Settings(modes=("shaped", "batch_frozen"))  # a BN mode, not a column
     with pytest.raises(ConfigError, match="eot_samples"):
         evaluate.Settings(eot_samples=0)
     with pytest.raises(ConfigError, match="multiple of 8"):
@@ -396,7 +397,7 @@ def test_command_line_table_on_a_trained_checkpoint(tmp_path, capsys):
     assert saved["step"] == 4 and saved["num_examples"] == 8
     assert saved["command"].startswith("python -m madry_ns.evaluate --config")
     assert saved["settings"]["np_random_seed"] == 3 and "sanity" not in saved
-    assert list(saved["columns"]) == ["pn", "shaped"]
+    assert list(saved["columns"]) == ["population", "shaped"]
     assert (out / "results.md").read_text().startswith("# Evaluation: ")
     # --resume on a finished output runs nothing and leaves its files as they are
     before = {f.name: f.read_bytes() for f in out.iterdir()}
@@ -486,7 +487,7 @@ def test_compare_counts_images_each_model_keeps_and_tests_the_split(tmp_path):
     result = evaluate.compare(str(tmp_path / "a"), str(tmp_path / "b"), names=("m", "s"))
     ra = a["clean__pn"] & a["pgd__pn"] & a["autoattack__pn"]
     rb = b["clean__pn"] & b["pgd__pn"] & b["autoattack__pn"]
-    row = result["columns"]["pn"]
+    row = result["columns"]["population"]  # folders keyed 'pn' are read under the new name
     assert row["only"] == [int((ra & ~rb).sum()), int((~ra & rb).sum())]
     assert row["both"] + row["neither"] + sum(row["only"]) == 100
     assert row["accuracy"] == [ra.mean(), rb.mean()]
@@ -527,3 +528,41 @@ def test_compare_refuses_suites_that_are_not_comparable(tmp_path):
     (tmp_path / "a" / "per_image.npz").write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match="cannot read .*per_image.npz"):
         evaluate.compare(str(tmp_path / "a"), str(tmp_path / "other_labels"))
+
+
+def test_folders_written_with_the_earlier_column_names_read_under_the_new_ones():
+    """docs/evaluation/ was written when the columns were keyed 'bn'/'pn': read, resumed and
+    compared under 'batch'/'population', with every number and label unchanged."""
+    from madry_ns.evaluate import resume
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "docs", "evaluation", "madry")
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    with np.load(os.path.join(folder, "per_image.npz"), allow_pickle=False) as z:
+        raw_arrays = {k: z[k] for k in z.files}
+    saved, arrays, _ = evaluate.read_suite(folder, "test")
+    new = {"bn": "batch", "pn": "population", "shaped": "shaped"}
+    assert list(raw["columns"]) == ["bn", "pn", "shaped"]
+    assert saved["columns"] == {new[k]: v for k, v in raw["columns"].items()}
+    assert saved["settings"]["modes"] == ["batch", "population", "shaped"]
+    assert saved["clean"] == {new[k]: v for k, v in raw["clean"].items()}
+    for row, before in zip(saved["rows"], raw["rows"]):
+        assert row["accuracy"] == {new[k]: v for k, v in before["accuracy"].items()}
+    assert saved["sanity"]["checks"]["population"] == raw["sanity"]["checks"]["pn"]
+    assert saved["worst_case"]["batch"] == raw["worst_case"]["bn"]
+    assert len(arrays) == len(raw_arrays)
+    for name, value in raw_arrays.items():
+        head, _, mode = name.rpartition("__")
+        renamed = f"{head}__{new[mode]}" if head else name
+        np.testing.assert_array_equal(arrays[renamed], value)
+    assert evaluate.markdown(saved) == evaluate.markdown(raw)  # the same table, word for word
+    again = resume.migrate(saved, arrays)  # current folders pass unchanged
+    assert again[0] is saved and again[1] is arrays
+    assert evaluate.Settings(modes=("bn", "pn")).modes == ("batch", "population")
+
+
+def test_the_earlier_modes_flag_values_print_a_notice(capsys):
+    from madry_ns.evaluate import cli as suite_cli
+
+    assert suite_cli._modes("bn,shaped") == ("batch", "shaped")
+    assert capsys.readouterr().err == "note: --modes bn is now batch\n"

@@ -107,7 +107,7 @@ def test_a_registered_mode_and_row_run_through_the_suite(toys, tmp_path):
     assert result["clean"][TOY_MODE] == pytest.approx(_direct_flip_accuracy(
         model, dataset.test_images[:20], dataset.test_labels[:20]), abs=1e-9)
     row = next(r for r in result["rows"] if r["key"] == TOY_ROW)
-    assert set(row["accuracy"]) == {"pn", TOY_MODE} and row["epsilon"] == 16.0
+    assert set(row["accuracy"]) == {"population", TOY_MODE} and row["epsilon"] == 16.0
     assert row["perturbation"]["linf_max"] <= 16.0 + 1e-4
     assert TOY_ROW in result["worst_case"][TOY_MODE]["attacks"]
     again = evaluate.run_suite(model, dataset, config, settings, out=lambda *_: None)

@@ -36,10 +36,11 @@ test of that split (two accuracies on the same 100 images are not independent sa
 The package's parts, one concern each: `suite` (settings, the compiled forwards and attacks,
 the main loop, a checkpoint in and files out), `rows` (the attack rows as data), `resume`
 (`--resume`'s state), `sanity` (the gradient-masking checks), `reports` (results.md/json,
-compare, the ablation's tables; no TensorFlow), `ablation` (Table IV) and `cli`.
+compare, the ablation's tables; no TensorFlow) and `cli`. The second command is the shaping
+study's (`madry_ns.studies.shaping`; `madry_ns.evaluate.ablation` is its earlier name).
 """
 
-from madry_ns.evaluate.ablation import ABLATION_RATIOS, ablation, run_ablation
+from madry_ns.evaluate.api import Result, evaluate_model
 from madry_ns.evaluate.cli import main
 from madry_ns.evaluate.reports import (ablation_heatmap, ablation_markdown, compare,
                                        compare_markdown, markdown, sign_test, write_results)
@@ -53,9 +54,19 @@ from madry_ns.evaluate.suite import (MODES, Settings, Suite, check_modes, column
 # The suite's entry point under the name earlier versions exported.
 evaluate = run_suite
 
-__all__ = ["ABLATION_RATIOS", "MODES", "ROW", "ResumeState", "Row", "Settings", "Suite",
+__all__ = ["ABLATION_RATIOS", "MODES", "ROW", "Result", "ResumeState", "Row", "Settings", "Suite",
            "ablation", "ablation_heatmap", "ablation_markdown", "check_modes", "column_label",
-           "column_short", "compare", "compare_markdown", "evaluate", "load_previous", "main",
-           "markdown", "noise_margin", "per_image", "read_suite", "register", "row_epsilon",
-           "row_label", "run", "run_ablation", "run_suite", "sanity_checks", "sign_test",
-           "unregister", "write_results"]
+           "column_short", "compare", "compare_markdown", "evaluate", "evaluate_model",
+           "load_previous", "main", "markdown", "noise_margin", "per_image", "read_suite",
+           "register", "row_epsilon", "row_label", "run", "run_ablation", "run_suite",
+           "sanity_checks", "sign_test", "unregister", "write_results"]
+
+
+def __getattr__(name):
+    """The shaping study's Table IV names, where earlier versions had them (imported on first
+    use: the study imports this package's suite)."""
+    if name in ("ABLATION_RATIOS", "ablation", "run_ablation"):
+        from madry_ns.studies import shaping
+
+        return getattr(shaping, name)
+    raise AttributeError(f"module 'madry_ns.evaluate' has no attribute '{name}'")

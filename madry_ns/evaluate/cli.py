@@ -3,6 +3,7 @@
     python -m madry_ns.evaluate --config CONFIG [--checkpoint PATH] [--attacks ...] [--modes ...]
     python -m madry_ns.evaluate ablation --config CONFIG --checkpoints A B ... --labels ...
     python -m madry_ns.evaluate compare OUTPUT_DIR_A OUTPUT_DIR_B [--names A B]
+    python -m madry_ns.evaluate robustbench OUTPUT_DIR --name ... --authors ... --link ...
 
 The bare command is the suite, so the command is chosen from the first argument (argparse has
 no default subcommand); each has its own `--help`.
@@ -15,15 +16,13 @@ import os
 import sys
 
 from madry_ns import cli
-from madry_ns.errors import ConfigError
 from madry_ns.evaluate import reports, suite
-from madry_ns.evaluate.ablation import ABLATION_RATIOS, run_ablation
 from madry_ns.evaluate.rows import ROW
 
 PROG = "python -m madry_ns.evaluate"
 
 
-def _common(parser: cli.Parser) -> None:
+def common_flags(parser: cli.Parser) -> None:
     """The flags the suite and the ablation share (each stands for a config key)."""
     parser.add_override("--num_examples", "num_eval_examples", type=int,
                         help="first N test images (default: num_eval_examples)")
@@ -41,6 +40,18 @@ def _settings(args) -> suite.Settings:
                           sanity=not args.no_sanity)
 
 
+def _modes(text: str) -> tuple:
+    """--modes: comma-separated columns, the earlier names 'bn'/'pn' read with a notice."""
+    from madry_ns.evaluate.rows import canonical_modes
+
+    given = cli.comma_list(text)
+    modes = canonical_modes(given)
+    for old, new in zip(given, modes):
+        if old != new:
+            print(f"note: --modes {old} is now {new}", file=sys.stderr)
+    return modes
+
+
 def _suite_parser(command: str) -> cli.Parser:
     def check(config, args):
         suite.check_modes(config, _settings(args).modes)
@@ -51,13 +62,14 @@ def _suite_parser(command: str) -> cli.Parser:
 
     parser = cli.Parser(PROG, "Every attack under BN, PN and BN+Shaping inference, with "
                               "sanity checks.", main, check=check)
-    _common(parser)
+    common_flags(parser)
     defaults = suite.Settings()
     parser.add_argument("--checkpoint", help="default: the latest in model_dir")
     parser.add_argument("--attacks", type=cli.comma_list, default=defaults.attacks,
                         help=f"comma-separated, among {','.join(ROW)} (default: all)")
-    parser.add_argument("--modes", type=cli.comma_list, default=defaults.modes,
-                        help="inference columns among bn,pn,shaped (default: all)")
+    parser.add_argument("--modes", type=_modes, default=defaults.modes,
+                        help="inference columns among batch,population,shaped (default: all; "
+                             "the earlier bn, pn still work)")
     for name in suite.INT_SETTINGS:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--no_sanity", action="store_true",
@@ -65,34 +77,6 @@ def _suite_parser(command: str) -> cli.Parser:
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --output (same checkpoint and "
                              "settings) and run only the rest")
-    return parser
-
-
-def _ratios(args) -> list:
-    ratios = []
-    for r in args.ratios:
-        if not r.isdigit():
-            raise ConfigError(f"--ratios {r}: expected non-negative integers r of 1:r")
-        ratios.append(int(r))
-    return ratios
-
-
-def _ablation_parser(command: str) -> cli.Parser:
-    def main(config, args):
-        run_ablation(config, args.checkpoints, args.labels, _ratios(args),
-                     args.output or os.path.join(config.model_dir, "eval", "ablation"),
-                     command)
-
-    parser = cli.Parser(f"{PROG} ablation", "Table IV: checkpoints x inference ratios.", main,
-                        check=lambda config, args: _ratios(args))
-    _common(parser)
-    parser.add_argument("--checkpoints", nargs="+", required=True,
-                        help="one checkpoint (or model_dir) per training ratio")
-    parser.add_argument("--labels", nargs="+", required=True,
-                        help="one row name per checkpoint, e.g. 1:1 1:2 1:3 1:7")
-    parser.add_argument("--ratios", type=cli.comma_list,
-                        default=tuple(map(str, ABLATION_RATIOS)),
-                        help="inference ratios r of 1:r (default 0,1,3,9,19,49)")
     return parser
 
 
@@ -118,11 +102,46 @@ def _compare_parser() -> cli.Parser:
     return parser
 
 
+def _robustbench_parser() -> cli.Parser:
+    def main(args):
+        from madry_ns.evaluate.api import Result
+
+        meta = {k: getattr(args, k) for k in ("name", "authors", "link", "venue",
+                                               "architecture", "dataset", "reported",
+                                               "column", "footnote")}
+        info = Result.load(args.suite).robustbench(
+            args.output or os.path.join(args.suite, "robustbench.json"),
+            additional_data=args.additional_data,
+            number_forward_passes=args.number_forward_passes, **meta)
+        print(json.dumps(info, indent=2))
+
+    parser = cli.Parser(f"{PROG} robustbench", "A finished suite as RobustBench's model-info "
+                                               "file (its deterministic per-image column).",
+                        main, config=False)
+    parser.add_argument("suite", metavar="OUTPUT_DIR", help=f"a folder written by {PROG}")
+    for name in ("name", "authors", "link", "venue", "architecture"):
+        parser.add_argument(f"--{name}", required=True, help=f"the paper's {name}")
+    parser.add_argument("--dataset", default="cifar10", help="RobustBench's dataset name")
+    parser.add_argument("--reported", default="", help="the paper's robust accuracy in %%")
+    parser.add_argument("--additional_data", action="store_true",
+                        help="the model was trained with extra data")
+    parser.add_argument("--number_forward_passes", type=int, default=1)
+    parser.add_argument("--column", default="population",
+                        help="the suite column to report (default population)")
+    parser.add_argument("--footnote", help="added after the toolkit's own footnote")
+    parser.add_argument("--output", help="default OUTPUT_DIR/robustbench.json")
+    return parser
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return cli.run(_compare_parser(), argv[1:])
+    if argv and argv[0] == "robustbench":
+        return cli.run(_robustbench_parser(), argv[1:])
     command = f"{PROG} " + " ".join(argv)
-    if argv and argv[0] == "ablation":
-        return cli.run(_ablation_parser(command), argv[1:])
+    if argv and argv[0] == "ablation":  # the shaping study, under its documented name
+        from madry_ns.studies import shaping
+
+        return shaping.main(argv[1:], prog=f"{PROG} ablation")
     return cli.run(_suite_parser(command), argv)

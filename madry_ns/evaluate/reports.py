@@ -149,9 +149,9 @@ def ablation_markdown(result: dict, command: str = "") -> str:
 
 def ablation_heatmap(result: dict, path: str) -> None:
     """One heat-map panel per grid (clean, transfer, adaptive), written atomically."""
-    from madry_ns.analysis import _pyplot, _save_figure
+    from madry_ns import files
 
-    plt = _pyplot()
+    plt = files.pyplot()
     ratios = result["ratios"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(result["checkpoints"]) + 2.2))
     for ax, (kind, title) in zip(axes, _GRID_TITLES.items()):
@@ -170,7 +170,7 @@ def ablation_heatmap(result: dict, path: str) -> None:
         ax.set_ylabel("training model")
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 
@@ -262,3 +262,84 @@ def compare_markdown(result: dict) -> str:
                      f"{row['only'][1]} | {row['sign_test_p']:.3g} |")
     return "\n".join(lines) + "\n"
 
+
+
+# ------------------------------------------------------------------------------------------
+# RobustBench's model-info file
+
+# The fields of RobustBench's model_info/<dataset>/<threat>/<Name>.json, in its order, with
+# their types (its published files, e.g. cifar10/Linf/Madry2018Towards.json).
+ROBUSTBENCH_FIELDS = (("link", str), ("name", str), ("authors", str),
+                      ("additional_data", bool), ("number_forward_passes", int),
+                      ("dataset", str), ("venue", str), ("architecture", str), ("eps", str),
+                      ("clean_acc", str), ("reported", str), ("autoattack_acc", str))
+ROBUSTBENCH_IMAGES = 10000  # RobustBench evaluates on the full CIFAR test set
+
+
+def _eps_text(epsilon: float) -> str:
+    """The 0-255 budget as RobustBench writes it: '8/255', else the 0-1 value ('0.031')."""
+    if abs(epsilon - round(epsilon)) < 1e-9:
+        return f"{int(round(epsilon))}/255"
+    return f"{epsilon / 255:.4g}"
+
+
+def robustbench_info(saved: dict, arrays: dict, *, name: str, authors: str, link: str,
+                     venue: str, architecture: str, dataset: str,
+                     additional_data: bool = False, reported: str | float = "",
+                     number_forward_passes: int = 1, column: str = "population",
+                     footnote: str | None = None) -> dict:
+    """A RobustBench model-info record of a finished suite with an AutoAttack row.
+
+    `clean_acc` and `autoattack_acc` come from column `column`, which must be a deterministic
+    per-image forward (RobustBench's threat model: the model is a fixed function of one image;
+    a batch-statistics, shaped or random forward would make its number depend on the
+    evaluation's batches or draws). `autoattack_acc` counts images right clean and under the
+    AutoAttack row, per image. The footnote says when the ensemble is not the standard
+    AutoAttack or fewer than 10,000 images were used; `footnote` is added after it.
+    `reported` is the paper's own robust accuracy, in %, as RobustBench lists it.
+    """
+    from madry_ns import inference
+
+    if saved.get("incomplete"):
+        raise ConfigError("robustbench: the suite is unfinished; finish it (--resume) first")
+    mode = inference.get(column)
+    if column not in saved["columns"]:
+        raise ConfigError(f"robustbench: column {column!r} is not in this suite (it has "
+                          f"{', '.join(saved['columns'])})")
+    if not mode.per_image or mode.draws:
+        raise ConfigError(f"robustbench: column {column!r} classifies with "
+                          f"{saved['columns'][column]}: not a deterministic per-image forward, "
+                          f"so RobustBench's format cannot hold its number; use 'population'")
+    row = next((r for r in saved["rows"] if r["key"] == "autoattack"), None)
+    if row is None or f"autoattack__{column}" not in arrays:
+        raise ConfigError("robustbench: the suite has no autoattack row; run it with "
+                          "--attacks including autoattack")
+    robust = arrays[f"clean__{column}"] & arrays[f"autoattack__{column}"]
+    notes = []
+    version = saved.get("settings", {}).get("autoattack")
+    if version != "standard":
+        notes.append(f"Evaluated with madry_ns's {row['attack']} ({row['generation']}), not "
+                     f"the standard AutoAttack.")
+    if saved["num_examples"] < ROBUSTBENCH_IMAGES:
+        notes.append(f"On the first {saved['num_examples']} test images, not all "
+                     f"{ROBUSTBENCH_IMAGES:,}.")
+    if footnote:
+        notes.append(footnote)
+    info = {"link": link, "name": name, "authors": authors,
+            "additional_data": bool(additional_data),
+            "number_forward_passes": int(number_forward_passes), "dataset": dataset,
+            "venue": venue, "architecture": architecture,
+            "eps": _eps_text(float(saved["settings"]["epsilon"])),
+            "clean_acc": f"{100 * float(arrays[f'clean__{column}'].mean()):.2f}",
+            "reported": reported if isinstance(reported, str) else f"{reported:.2f}",
+            "autoattack_acc": f"{100 * float(robust.mean()):.2f}"}
+    if notes:
+        info["footnote"] = "<br>".join(notes)
+    return info
+
+
+def write_robustbench(info: dict, path: str) -> None:
+    """Write a model-info record as RobustBench's files are (one JSON object), atomically."""
+    from madry_ns import files
+
+    files.atomic_write_text(path, json.dumps(info, indent=2) + "\n")

@@ -4,7 +4,8 @@ A suite folder holds `results.json` (rows, settings, labels) and `per_image.npz`
 outcome per row and column). `ResumeState.load` reads both and refuses, naming the key, when
 the checkpoint, images, model, columns or any setting differ; `reusable_rows` then checks that
 this run sees the same labels and clean predictions image by image, so reused rows and new
-ones describe one experiment. No TensorFlow here.
+ones describe one experiment. Folders written before the columns took the config's names
+('bn', 'pn') are read under the new ones (`migrate`). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,45 @@ from madry_ns.errors import ConfigError
 # switch may change: rows are reused by key, and the sanity checks rerun unless identical).
 _RESUME_IGNORED = ("attacks", "sanity")
 _IDENTITY_KEYS = ("checkpoint", "num_examples", "dataset", "model", "columns")
+# Column names of results folders written before the columns took the config's vocabulary.
+_OLD_COLUMNS = {"bn": "batch", "pn": "population"}
+
+
+def _renamed(mapping: dict) -> dict:
+    return {_OLD_COLUMNS.get(k, k): v for k, v in mapping.items()}
+
+
+def migrate(saved: dict, arrays: dict) -> tuple:
+    """(results.json, per_image arrays) with the columns under their current names.
+
+    Earlier versions keyed columns 'bn' and 'pn' (now 'batch' and 'population', as the config
+    says); the numbers and labels are the same, so a stored folder still resumes, compares
+    and reproduces. Only column keys change, never a value.
+    """
+    if not any(k in _OLD_COLUMNS for k in saved.get("columns", {})):
+        return saved, arrays
+    saved = dict(saved)
+    for key in ("columns", "clean", "worst_case"):
+        if isinstance(saved.get(key), dict):
+            saved[key] = _renamed(saved[key])
+    if isinstance(saved.get("settings"), dict) and "modes" in saved["settings"]:
+        saved["settings"] = {**saved["settings"], "modes": [
+            _OLD_COLUMNS.get(m, m) for m in saved["settings"]["modes"]]}
+    rows = []
+    for row in saved.get("rows", []):
+        row = {**row, "accuracy": _renamed(row["accuracy"])}
+        if isinstance(row.get("perturbation"), dict) and any(
+                k in _OLD_COLUMNS for k in row["perturbation"]):
+            row["perturbation"] = _renamed(row["perturbation"])
+        rows.append(row)
+    saved["rows"] = rows
+    if isinstance(saved.get("sanity"), dict) and "checks" in saved["sanity"]:
+        saved["sanity"] = {**saved["sanity"], "checks": _renamed(saved["sanity"]["checks"])}
+    renamed = {}
+    for name, value in arrays.items():
+        head, sep, mode = name.rpartition("__")
+        renamed[f"{head}{sep}{_OLD_COLUMNS.get(mode, mode)}" if sep else name] = value
+    return saved, renamed
 
 
 def read_suite(output_dir: str, who: str) -> tuple | None:
@@ -44,6 +84,7 @@ def read_suite(output_dir: str, who: str) -> tuple | None:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise ConfigError(f"{who}: cannot read {arrays_path}: {e}") from None
+    saved, arrays = migrate(saved, arrays)
     return saved, arrays, path
 
 

@@ -20,17 +20,24 @@ from typing import Callable
 
 from madry_ns import seeds
 
-# The suite's columns: its names of the inference modes 'batch', 'population' and 'shaped'
-# (madry_ns.inference.ALIASES), then any other registered mode under its own key.
-COLUMNS = ("bn", "pn", "shaped")
+# The suite's columns in the paper's table order (BN, PN, BN+Shaping), keyed by the config's
+# own `inference_bn` values; the earlier 'bn' and 'pn' are accepted as aliases
+# (`madry_ns.inference.ALIASES`). Then any other registered mode under its own key.
+COLUMNS = ("batch", "population", "shaped")
 
 
 def columns() -> tuple:
     """Every column the suite can run: COLUMNS, then modes registered beyond them."""
     from madry_ns import inference
 
-    covered = set(inference.ALIASES.values()) | set(COLUMNS)
-    return COLUMNS + tuple(k for k in inference.MODES if k not in covered)
+    return COLUMNS + tuple(k for k in inference.MODES if k not in COLUMNS)
+
+
+def canonical_modes(modes) -> tuple:
+    """`modes` in the config's vocabulary ('pn' -> 'population', 'bn' -> 'batch')."""
+    from madry_ns import inference
+
+    return tuple(inference.ALIASES.get(m, m) for m in modes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,7 @@ class Row:
 
     key: str
     name: str
-    generation: str  # 'pn', 'shaping' or 'own' (through each column's own forward)
+    generation: str  # 'population', 'shaping' or 'own' (through each column's own forward)
     make: Callable  # (suite, mode or None) -> fn(x, y, i)
     label: Callable  # (config, settings) -> how the examples are made
     stream: str  # the seed stream of its random starts (madry_ns.seeds)
@@ -47,6 +54,12 @@ class Row:
     norm: str = "linf"  # 'linf' (bounded) or 'l2' (unbounded minimal-perturbation attacks)
     epsilon: Callable = lambda config, settings: config.epsilon  # L-inf budget (linf rows)
     judged_by_attack: bool = False  # fn returns (x_adv, robust per image)
+    needs_toolkit_bn: bool = False  # calls the model with bn_mode=... itself
+
+    def __post_init__(self):  # rows written with the earlier column names mean the same
+        object.__setattr__(self, "generation", canonical_modes([self.generation])[0])
+        if self.modes is not None:
+            object.__setattr__(self, "modes", canonical_modes(self.modes))
 
     def budget(self, config, settings) -> float | None:
         """The row's L-inf budget on the 0-255 scale (None for unbounded L2 attacks)."""
@@ -100,7 +113,7 @@ def _on_pn(make_attack):
     x, y, seed)` with the batch's PN forward and the row's seed."""
     def make(suite, mode, row_key):
         del mode
-        pn = suite.forward("pn")
+        pn = suite.forward("population")
         stream = ROW[row_key].stream
 
         def attack(x, y, i):
@@ -112,7 +125,7 @@ def _on_pn(make_attack):
 
 def _pn_row(key, name, make_attack, label, stream, **kwargs) -> Row:
     make = _on_pn(make_attack)
-    return Row(key, name, "pn", lambda suite, mode: make(suite, mode, key), label, stream,
+    return Row(key, name, "population", lambda suite, mode: make(suite, mode, key), label, stream,
                **kwargs)
 
 
@@ -205,6 +218,7 @@ register(_pn_row(
                        f"0.02, unbounded L2), generated on PN"))
 register(Row(
     "shaping", "shaping attack", "shaping", _make_shaping, stream="shaping_attack",
+    needs_toolkit_bn=True,
     label=lambda c, s: f"shaping attack: {pgd_text(c)} through batch statistics, each group "
                        f"of 1/{s.shaping_groups} of the batch attacked beside the other "
                        f"clean test images"))

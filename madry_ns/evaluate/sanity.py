@@ -85,7 +85,7 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
         entry["batch_size"] = _batch_size_dependence(suite, dataset, config, settings, m,
                                                      clean=result["clean"][m], adaptive=base_acc)
         spread = entry["batch_size"]["spread"]
-        entry["batch_size"]["flag"] = m == "pn" and spread > margin
+        entry["batch_size"]["flag"] = m == "population" and spread > margin
         if entry["batch_size"]["flag"]:
             flags.append(f"PN: accuracy moves by {100 * spread:.2f} points with the batch size")
         checks[m] = entry

@@ -1,7 +1,8 @@
 """The suite itself: settings, the compiled forwards and attacks of one model, the main loop.
 
-Columns are inference modes of `madry_ns.inference` (the suite's column keys 'bn', 'pn',
-'shaped' name the registry's 'batch', 'population', 'shaped'); rows come from
+Columns are inference modes of `madry_ns.inference`, keyed as the config's `inference_bn`
+('batch', 'population', 'shaped'; the earlier 'bn' and 'pn' are accepted and read from older
+results folders); rows come from
 `madry_ns.evaluate.rows`; seeds from `madry_ns.seeds`. TensorFlow is imported when a `Suite`
 is built, so settings can be checked (and `--help` shown) in milliseconds.
 """
@@ -53,6 +54,7 @@ class Settings:
     sanity_restarts: int = 3
 
     def __post_init__(self):
+        object.__setattr__(self, "modes", rows_lib.canonical_modes(self.modes))
         for name, allowed in (("attacks", ROW), ("modes", rows_lib.columns())):
             values = getattr(self, name)
             unknown = [v for v in values if v not in allowed]
@@ -449,10 +451,19 @@ def run(config, settings: Settings, checkpoint: str | None = None,
         f"{dataset.source}")
     header = {"checkpoint": path, "step": step, "command": command,
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    result = {**header, **run_suite(
-        model, dataset, config, settings, out=out, previous=previous,
+    from madry_ns.evaluate.api import evaluate_model
+
+    n = config.num_eval_examples
+    if n > len(dataset.test_images):
+        raise data.DataError(f"num_eval_examples {n} exceeds the {len(dataset.test_images)} "
+                             f"test images")
+    found = evaluate_model(
+        model, dataset.test_images[:n], dataset.test_labels[:n], config=config,
+        references=dataset.train_images, source=dataset.source, out=out, previous=previous,
         on_row=lambda partial, arrays: reports.write_results({**header, **partial}, output,
-                                                             arrays))}
+                                                             arrays),
+        **dataclasses.asdict(settings))
+    result = {**header, **found.results}
     out(reports.markdown(result))
     out(f"wrote {output}/results.md and results.json")
     return result

@@ -1,0 +1,370 @@
+"""The fragile-features study (Walter, Stutz & Schiele, Table 2) as one command.
+
+    python -m madry_ns.studies.fragile configs/fragile/cifar10 --output results/fragile_cifar10
+
+(`python -m madry_ns.fragile` is the same command under its earlier name.)
+
+A config folder holds one config per row of the paper's Table 2, named by the row's key
+(`ROWS`). For each row, in table order, the command trains the config (`training.train`:
+resumes a run that was interrupted, returns at once for one that is complete; the fine-tuned
+rows start from `init_checkpoint`, the NORMAL row's model_dir, so NORMAL comes first),
+evaluates the final checkpoint and caches the result in `<model_dir>/fragile_eval.json`
+(reused while checkpoint and evaluation settings are unchanged). Then it writes to --output:
+
+* `table.md` and `table.json`: clean error on the whole test set, robust error under the
+  AutoAttack-style ensemble (`madry_ns.attacks.autoattack_style`: APGD-CE, APGD-T,
+  Square, per-image worst case) and under PGD on the first N test images, the PGD
+  cross-entropy, beside the paper's numbers;
+* `bn_analysis/`: the folded-BN analysis (`madry_ns.studies.fragile_bn`) on NORMAL, ADV
+  and BN PARAMS (those of them that ran), differences against NORMAL.
+
+Every model here normalizes with its moving (population) statistics at test time, and every
+attack differentiates through that same forward: white-box numbers. Each config's row is
+checked against what the row means (training method, `trainable`, fine-tuned or from
+scratch, reset), so a table row cannot silently come from the wrong regime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from madry_ns import config as config_lib
+from madry_ns.errors import ConfigError
+from madry_ns.studies import fragile_bn
+
+PAPER = ("Walter, Stutz & Schiele, 'On Fragile Features and Batch Normalization in "
+         "Adversarial Training': Table 2, Figures 1-2")
+
+ADVERSARIAL = ("madry", "trades")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of Table 2: what it is, how it must be configured, the paper's numbers."""
+
+    key: str
+    label: str
+    paper_clean_error: float
+    paper_robust_error: float
+    adversarial: bool
+    trainable: str
+    fine_tuned: bool
+    reset_bn_stats: bool = False
+
+
+# Paper Table 2 (CIFAR-10, ResNet-20, errors in %, AutoAttack on the first 1000 test images,
+# L-inf eps 8/255), in the paper's order.
+ROWS = (
+    Row("normal", "NORMAL", 4.11, 99.8, False, "all", False),
+    Row("normal_bn_only", "NORMAL + BN ONLY", 46.11, 99.7, False, "bn", False),
+    Row("normal_bn_only_logits_conv1", "NORMAL + BN ONLY + log + conv1", 35.89, 99.6, False,
+        "bn+logits+conv1", False),
+    Row("adv", "ADV", 17.67, 58.4, True, "all", False),
+    Row("adv_bn_only", "ADV + BN ONLY", 43.33, 98.0, True, "bn", False),
+    Row("adv_bn_only_logits_conv1", "ADV + BN ONLY + log + conv1", 35.22, 98.1, True,
+        "bn+logits+conv1", False),
+    Row("bn_stats", "BN STATS (no reset)", 6.44, 99.9, True, "bn_stats", True),
+    Row("bn_stats_reset", "BN STATS (reset)", 6.33, 99.6, True, "bn_stats", True, True),
+    Row("bn_only_params", "BN ONLY PARAMS", 77.11, 85.3, True, "bn_affine", True),
+    Row("bn_params", "BN PARAMS", 29.67, 70.5, True, "bn", True),
+    Row("bn_params_logits_conv1", "BN PARAMS + log + conv1", 26.89, 68.2, True,
+        "bn+logits+conv1", True),
+)
+ROW_BY_KEY = {row.key: row for row in ROWS}
+ANALYSIS_ROWS = ("normal", "adv", "bn_params")  # the paper's Figures 1 and 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How each model is evaluated; defaults are the paper's (AutoAttack standard on the
+    first 1000 test images) plus PGD-20."""
+
+    num_robust_examples: int = 1000
+    aa_steps: int = 100
+    aa_restarts: int = 1
+    aa_targets: int = 9
+    aa_queries: int = 5000
+    pgd_steps: int = 20
+    pgd_step_size: float | None = None  # None: the config's step_size
+
+
+def check_row(row: Row, config, path: str) -> None:
+    """Raise ConfigError if `config` does not describe `row`."""
+    problems = []
+    adversarial = config.training_method in ADVERSARIAL
+    if adversarial != row.adversarial:
+        problems.append(f"training_method is '{config.training_method}', the row needs "
+                        + ("an adversarial one ('madry' or 'trades')" if row.adversarial
+                           else "'natural'"))
+    if config.trainable != row.trainable:
+        problems.append(f"trainable is '{config.trainable}', the row needs '{row.trainable}'")
+    if bool(config.init_checkpoint) != row.fine_tuned:
+        problems.append("the row fine-tunes the NORMAL model: set init_checkpoint to its "
+                        "model_dir" if row.fine_tuned else
+                        "the row trains from scratch: init_checkpoint must be null")
+    if config.reset_bn_stats != row.reset_bn_stats:
+        problems.append(f"reset_bn_stats must be {str(row.reset_bn_stats).lower()}")
+    if config.inference_bn != "population":
+        problems.append("inference_bn must be 'population' (the paper's test-time BN)")
+    if problems:
+        raise ConfigError(f"{path}: does not describe Table 2's row '{row.label}':\n  - "
+                          + "\n  - ".join(problems))
+
+
+def load_rows(config_dir: str, keys: list[str] | None = None) -> list[tuple[Row, object, str]]:
+    """(row, config, path) for each requested row (default: every row whose config file
+    exists in `config_dir`), in table order."""
+    if not os.path.isdir(config_dir):
+        raise ConfigError(f"config folder '{config_dir}' not found; expected a folder with "
+                          f"one config per Table 2 row ({', '.join(r.key for r in ROWS)}.json)")
+    unknown = [k for k in keys or [] if k not in ROW_BY_KEY]
+    if unknown:
+        raise ConfigError(f"unknown rows {unknown}; the rows are "
+                          f"{', '.join(r.key for r in ROWS)}")
+    found = []
+    for row in ROWS:
+        path = os.path.join(config_dir, row.key + ".json")
+        if keys is not None and row.key not in keys:
+            continue
+        if not os.path.exists(path):
+            if keys is not None:
+                raise ConfigError(f"row '{row.key}' requested but '{path}' does not exist")
+            continue
+        config = config_lib.load(path)
+        check_row(row, config, path)
+        found.append((row, config, path))
+    if not found:
+        raise ConfigError(f"no Table 2 configs in '{config_dir}' (expected files such as "
+                          f"normal.json, bn_params.json)")
+    return found
+
+
+def describe_evaluation(config, settings: Settings) -> dict:
+    """Labels saying how the numbers are made."""
+    step = settings.pgd_step_size or config.step_size
+    return {
+        "inference": "population statistics (PN), the same forward for every attack "
+                     "(white-box)",
+        "autoattack": f"AutoAttack-style ensemble (madry_ns.autoattack): APGD-CE "
+                      f"{settings.aa_steps} steps x {settings.aa_restarts} restart(s), "
+                      f"APGD-T {settings.aa_steps} steps x {settings.aa_targets} targets, "
+                      f"Square {settings.aa_queries} queries; no FAB-T; eps "
+                      f"{config.epsilon:g}/255",
+        "pgd": f"PGD-{settings.pgd_steps} (xent, eps {config.epsilon:g}/255, step {step:g}, "
+               f"random start)",
+    }
+
+
+def evaluate_model(model, dataset, config, settings: Settings) -> dict:
+    """Clean error on the whole test set; on the first `num_robust_examples` test images the
+    robust error under the AutoAttack-style ensemble, under PGD, and under both (an image
+    counts as robust only if it survives every attack). Population statistics throughout."""
+    import tensorflow as tf
+
+    from madry_ns import attacks, data, evaluation, inference, seeds
+
+    n = settings.num_robust_examples
+    if n > len(dataset.test_images):
+        raise ConfigError(f"--num_robust_examples {n} exceeds the {len(dataset.test_images)} "
+                          f"test images of {dataset.source}")
+    classify = evaluation.make_classifier(model, config, dataset)
+    predicted = evaluation.predict(classify, dataset.test_images, config.eval_batch_size)
+    clean_error = float(np.mean(predicted != dataset.test_labels))
+
+    pgd_config = config.replace(num_steps=settings.pgd_steps,
+                                step_size=settings.pgd_step_size or config.step_size,
+                                random_start=True, loss_func="xent")
+    pgd = evaluation.make_eval_attack(model, pgd_config, classify)
+
+    population = inference.forward(model, config, dataset, "population")
+
+    def logits_fn(x):
+        return population(x, seeds.reference_draw(config, 0))
+
+    ensemble = attacks.compile_attack(
+        attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
+        num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
+        num_targets=settings.aa_targets, square_num_steps=settings.aa_queries)
+    names = ("clean",) + attacks.ATTACKS + ("robust", "pgd", "all")
+    counts = dict.fromkeys(names, 0)
+    xent = {"clean": 0.0, "pgd": 0.0}
+    batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
+                                config.eval_batch_size)
+    for i, (x, y) in enumerate(batches):
+        seed = tf.constant([config.np_random_seed, i], tf.int64)
+        correct = {k: v.numpy() for k, v in
+                   ensemble(tf.constant(x), tf.constant(y), seed).items() if k != "x_adv"}
+        clean_logits, pgd_logits = classify(x), classify(pgd(x, y, i))
+        correct["pgd"] = np.logical_and(correct["clean"],
+                                        np.argmax(pgd_logits.numpy(), 1) == y)
+        correct["all"] = np.logical_and(correct["robust"], correct["pgd"])
+        xent["clean"] += float(tf.reduce_sum(attacks.xent_loss(clean_logits, y)))
+        xent["pgd"] += float(tf.reduce_sum(attacks.xent_loss(pgd_logits, y)))
+        for name in names:
+            counts[name] += int(np.sum(correct[name]))
+
+    def error(name):
+        return 100.0 * (1.0 - counts[name] / n)
+
+    return {
+        "clean_error": 100.0 * clean_error, "num_test_examples": len(dataset.test_images),
+        "robust_error_autoattack": error("robust"), "robust_error_pgd": error("pgd"),
+        "robust_error_worst": error("all"), "clean_error_first_n": error("clean"),
+        "error_per_attack": {name: error(name) for name in attacks.ATTACKS},
+        "pgd_xent_adv": xent["pgd"] / n, "pgd_xent_clean": xent["clean"] / n,
+        "num_robust_examples": n, **describe_evaluation(config, settings),
+    }
+
+
+def run_row(row: Row, config, settings: Settings, out=print) -> dict:
+    """Train (or resume, or find complete) and evaluate one row; cached evaluation."""
+    from madry_ns import checkpoints, data, files, finetune, training
+    from madry_ns.models import build_model
+
+    out(f"=== {row.label} ({row.key}): trainable {config.trainable}, training_method "
+        f"{config.training_method}"
+        + (f", from {config.init_checkpoint}" if config.init_checkpoint else ", from scratch")
+        + (", statistics reset" if config.reset_bn_stats else "") + f" -> {config.model_dir}")
+    start = time.perf_counter()
+    checkpoint = training.train(config, out=out)
+    train_seconds = time.perf_counter() - start
+    cache_path = os.path.join(config.model_dir, "fragile_eval.json")
+    key = {"checkpoint": os.path.abspath(checkpoint), "settings": dataclasses.asdict(settings)}
+    if os.path.exists(cache_path):
+        with open(cache_path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if {k: cached.get(k) for k in key} == key:
+            out(f"evaluation cached in {cache_path}")
+            return cached
+    dataset = data.load_dataset(config)
+    model = build_model(config)
+    checkpoints.load_weights(model, checkpoint)
+    start = time.perf_counter()
+    result = evaluate_model(model, dataset, config, settings)
+    counts = finetune.parameter_counts(model, config)
+    record = {**key, "row": row.key, "label": row.label, "dataset": dataset.source,
+              "model": config.model, "model_width": config.model_width,
+              "trainable": config.trainable, "training_method": config.training_method,
+              "init_checkpoint": config.init_checkpoint, "reset_bn_stats": config.reset_bn_stats,
+              "steps": checkpoints.checkpoint_step(checkpoint),
+              "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
+              "train_seconds_this_call": round(train_seconds, 1),
+              "eval_seconds": round(time.perf_counter() - start, 1), **result}
+    files.atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
+    out(f"clean error {result['clean_error']:.2f}%, robust error (AutoAttack-style) "
+        f"{result['robust_error_autoattack']:.2f}%, (PGD) {result['robust_error_pgd']:.2f}%")
+    return record
+
+
+def table(records: list[dict]) -> str:
+    """Table 2's layout, ours beside the paper's."""
+    first = records[0]
+    n = first["num_robust_examples"]
+    lines = [
+        "| Model | `trainable` | start | trainable params | clean error % | robust error % "
+        "(AutoAttack-style) | robust error % (PGD) | robust error % (both) | PGD adv. xent | "
+        "paper clean error % | paper robust error % (AutoAttack) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        row = ROW_BY_KEY[r["row"]]
+        start = "NORMAL" + (", stats reset" if r["reset_bn_stats"] else "") \
+            if r["init_checkpoint"] else "scratch"
+        share = 100.0 * r["trainable_parameters"] / r["total_parameters"]
+        lines.append(
+            f"| {row.label} | {r['trainable']} | {start} | {share:.3g}% | "
+            f"{r['clean_error']:.2f} | {r['robust_error_autoattack']:.2f} | "
+            f"{r['robust_error_pgd']:.2f} | {r['robust_error_worst']:.2f} | "
+            f"{r['pgd_xent_adv']:.3f} | "
+            f"{row.paper_clean_error:.2f} | {row.paper_robust_error:.1f} |")
+    datasets = sorted({r["dataset"] for r in records})
+    lines += [
+        "",
+        f"Ours: {', '.join(datasets)}; {first['model']} width "
+        f"{first['model_width'] or 1}. Clean error on all {first['num_test_examples']} test "
+        f"images; robust errors on the first {n}. Inference: {first['inference']}.",
+        f"AutoAttack-style: {first['autoattack']}. PGD: {first['pgd']}. \"both\": an image "
+        f"counts as robust only if it survives both.",
+        "Paper: CIFAR-10, ResNet-20, AutoAttack (standard) on the first 1000 test images, "
+        "L-inf eps 8/255.",
+    ]
+    if any("cifar" not in d.lower() for d in datasets):
+        lines.append("**These numbers are not comparable to the paper's**: other data, "
+                     "budget and epsilon; only the ordering of the rows can be compared.")
+    return "\n".join(lines) + "\n"
+
+
+def run(config_dir: str, output_dir: str, settings: Settings,
+        keys: list[str] | None = None, analysis: bool = True, out=print) -> list[dict]:
+    """The whole experiment: train and evaluate every row, write the table and analysis."""
+    from madry_ns import files
+
+    rows = load_rows(config_dir, keys)
+    records = [run_row(row, config, settings, out) for row, config, _ in rows]
+    os.makedirs(output_dir, exist_ok=True)
+    files.atomic_write_text(os.path.join(output_dir, "table.json"), json.dumps(
+        {"rows": records, "paper": [dataclasses.asdict(r) for r in ROWS]}, indent=2) + "\n")
+    text = table(records)
+    files.atomic_write_text(os.path.join(output_dir, "table.md"), text)
+    out(text)
+    chosen = [(row, config) for row, config, _ in rows if row.key in ANALYSIS_ROWS]
+    if analysis and len(chosen) >= 2:
+        fragile_bn.run_bn([config.model_dir for _, config in chosen],
+                            [row.label for row, _ in chosen],
+                            os.path.join(output_dir, "bn_analysis"), out=out)
+    return records
+
+
+def main(argv=None, prog: str = "python -m madry_ns.studies.fragile") -> int:
+    """The command line (`python -m madry_ns.fragile` is this with its own prog)."""
+    from madry_ns import cli
+
+    parser = cli.Parser(
+        prog, "Train and evaluate the fragile-features Table 2 rows "
+        "of a config folder.", _main, config=False, tensorflow=True,
+        check=lambda args: load_rows(args.config_dir, args.rows))  # before TensorFlow loads
+    parser.add_argument("config_dir", help="folder with one config per row "
+                        "(configs/fragile/cifar10 or configs/fragile/digits)")
+    parser.add_argument("--output", required=True, help="folder for table.md, table.json "
+                        "and bn_analysis/")
+    parser.add_argument("--rows", nargs="+", help="only these rows (default: every config "
+                        "in the folder), e.g. normal bn_params")
+    defaults = Settings()
+    parser.add_argument("--num_robust_examples", type=int,
+                        default=defaults.num_robust_examples,
+                        help="first N test images for the robust errors (paper: 1000)")
+    parser.add_argument("--aa_steps", type=int, default=defaults.aa_steps,
+                        help="APGD iterations (AutoAttack: 100)")
+    parser.add_argument("--aa_restarts", type=int, default=defaults.aa_restarts)
+    parser.add_argument("--aa_targets", type=int, default=defaults.aa_targets,
+                        help="APGD-T target classes (AutoAttack: 9)")
+    parser.add_argument("--aa_queries", type=int, default=defaults.aa_queries,
+                        help="Square queries (AutoAttack: 5000)")
+    parser.add_argument("--pgd_steps", type=int, default=defaults.pgd_steps)
+    parser.add_argument("--pgd_step_size", type=float, default=None,
+                        help="0-255 scale (default: the config's step_size)")
+    parser.add_argument("--no_analysis", action="store_true",
+                        help="skip the BN analysis of NORMAL, ADV, BN PARAMS")
+    return cli.run(parser, argv)
+
+
+def _main(args) -> None:
+    settings = Settings(args.num_robust_examples, args.aa_steps, args.aa_restarts,
+                            args.aa_targets, args.aa_queries, args.pgd_steps,
+                            args.pgd_step_size)
+    run(args.config_dir, args.output, settings, args.rows, not args.no_analysis)
+
+
+
+# Names of earlier versions.
+EvalSettings = Settings
+table_markdown = table
+
+
+if __name__ == "__main__":
+    sys.exit(main())
