@@ -230,6 +230,28 @@ def madry_tf1_width(path: str) -> int:
     return width
 
 
+def save_weights(model_dir: str, model, config, step: int = 0) -> str:
+    """Write `model`'s weights as `model_dir/checkpoint-<step>` with the run's `config.json`
+    beside it, as train.py leaves a model_dir, so eval.py, `load_model` and `init_checkpoint`
+    read it. For weights made elsewhere (`madry_ns.torch_import`): no optimizer state, so
+    fine-tune it through `init_checkpoint` from another model_dir.
+
+    The config is written first (atomically) and the checkpoint's state file last, so an
+    interrupted write leaves no checkpoint named as latest. A model_dir that already holds a
+    checkpoint is refused rather than overwritten.
+    """
+    from madry_ns import files
+
+    if latest_checkpoint(model_dir) is not None:
+        raise CheckpointError(f"'{model_dir}' already holds a checkpoint "
+                              f"({latest_checkpoint(model_dir)}); choose an empty model_dir")
+    files.atomic_write_text(os.path.join(model_dir, "config.json"),
+                            config.replace(model_dir=model_dir).to_json())
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir,
+                                         max_to_keep=None, checkpoint_name=CHECKPOINT_NAME)
+    return manager.save(checkpoint_number=step)
+
+
 def latest_checkpoint(model_dir: str) -> str | None:
     """`tf.train.latest_checkpoint(model_dir)`, also when the folder was moved.
 
