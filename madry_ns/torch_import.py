@@ -22,6 +22,15 @@ Layouts (the module names of the released code; checked against the toolkit's mo
   before each conv; the 1x1 shortcut takes the activated input, the identity the raw one).
   TRADES' network also builds `sub_block1`, a fourth block group its forward never calls:
   its weights are skipped.
+* RNA's random-norm networks (`USNorm`: one module per candidate, `<module>.norm.<k>.*`)
+  go into a model with `norm_layer` 'rna' whose `rna_candidates` are the released
+  `norm_list` in its order, in the toolkit's names: the README command's ['bn', 'gnr_1'] is
+  ["bn", "in"] (GroupNorm(C, C) with affine is the toolkit's 'in'), 'gn_<g>' is
+  GroupNorm(g, C) and 'ln' 'gn_1'. A BN candidate has running statistics and a group norm
+  has none, so an order that swaps them is refused; the group norms among themselves hold
+  the same shapes and cannot be told apart: their order is the config's. (PyTorch's plain
+  'in', InstanceNorm2d without affine, has no toolkit candidate.) A state dict holds no path:
+  the imported model starts on path 0.
 
 Conversions: conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out); BatchNorm2d's
 weight, bias, running_mean, running_var -> gamma, beta, moving_mean, moving_variance
@@ -38,8 +47,7 @@ and `normalize.std`: they must equal the config's.
 
 Deviations and limits: the global average pool equals the released `avg_pool2d` (4 for
 ResNet-18, 8 for WRN) on 32x32 inputs only; PyTorch's running_var is the unbiased batch
-variance and further Keras training updates it with the biased one (a factor n/(n-1));
-RNA models (`USNorm`, keys `.norm.<k>.`) are not read: only BatchNorm2d networks.
+variance and further Keras training updates it with the biased one (a factor n/(n-1)).
 """
 
 from __future__ import annotations
@@ -181,6 +189,25 @@ def _bn(module: str, layer) -> list:
             (f"{module}.running_var", layer.moving_variance, "vector")]
 
 
+def _norm(module: str, layer) -> list:
+    """A BatchNorm2d, or RNA's `USNorm`: one module per candidate under `<module>.norm.<k>`,
+    in the order of the model's `rna_candidates` (BN with statistics, the group norms with
+    weight and bias only)."""
+    from madry_ns.layers import RandomNorm
+
+    if not isinstance(layer, RandomNorm):
+        return _bn(module, layer)
+    entries = []
+    for k, name in enumerate(layer.candidates):
+        candidate = layer.candidate(k)
+        if name == "bn":
+            entries += _bn(f"{module}.norm.{k}", candidate)
+        else:
+            entries += [(f"{module}.norm.{k}.weight", candidate.gamma, "vector"),
+                        (f"{module}.norm.{k}.bias", candidate.beta, "vector")]
+    return entries
+
+
 def _conv(module: str, layer) -> list:
     return [(f"{module}.weight", layer.kernel, "conv")]
 
@@ -197,23 +224,23 @@ def layout(model) -> list:
 
     entries = []
     if isinstance(model, models.ResNet18):
-        entries += _conv("conv1", model.init_conv) + _bn("bn1", model.init_bn)
+        entries += _conv("conv1", model.init_conv) + _norm("bn1", model.init_bn)
         for name in model.block_names:  # block_<s>_<i> is layer<s>.<i>
             s, i = name.split("_")[1:]
             block, prefix = getattr(model, name), f"layer{s}.{i}"
-            entries += _conv(f"{prefix}.conv1", block.conv1) + _bn(f"{prefix}.bn1", block.bn1)
-            entries += _conv(f"{prefix}.conv2", block.conv2) + _bn(f"{prefix}.bn2", block.bn2)
+            entries += _conv(f"{prefix}.conv1", block.conv1) + _norm(f"{prefix}.bn1", block.bn1)
+            entries += _conv(f"{prefix}.conv2", block.conv2) + _norm(f"{prefix}.bn2", block.bn2)
             if block.projection:
                 entries += _conv(f"{prefix}.shortcut.0", block.shortcut_conv)
-                entries += _bn(f"{prefix}.shortcut.1", block.shortcut_bn)
+                entries += _norm(f"{prefix}.shortcut.1", block.shortcut_bn)
         return entries + _linear("linear", model.logit)
     if isinstance(model, models.WRN34):
         entries += _conv("conv1", model.init_conv)
         for name in model.block_names:  # block_<s>_<i> is block<s>.layer.<i>
             s, i = name.split("_")[1:]
             block, prefix = getattr(model, name), f"block{s}.layer.{i}"
-            entries += _bn(f"{prefix}.bn1", block.bn1) + _conv(f"{prefix}.conv1", block.conv1)
-            entries += _bn(f"{prefix}.bn2", block.bn2) + _conv(f"{prefix}.conv2", block.conv2)
+            entries += _norm(f"{prefix}.bn1", block.bn1) + _conv(f"{prefix}.conv1", block.conv1)
+            entries += _norm(f"{prefix}.bn2", block.bn2) + _conv(f"{prefix}.conv2", block.conv2)
             if not block.equal_in_out:
                 entries += _conv(f"{prefix}.convShortcut", block.shortcut_conv)
         return entries + _bn("bn1", model.final_bn) + _linear("fc", model.logit)
@@ -242,10 +269,6 @@ def _check_model(model):
     if not isinstance(model, (models.ResNet18, models.WRN34)):
         raise StateDictError(f"PyTorch state dicts are read into the toolkit's "
                              f"{' and '.join(ARCHS)} models, not {type(model).__name__}")
-    if model.norm_layer != "bn":
-        raise StateDictError("the state dict importer reads BatchNorm2d networks into models with "
-                           f"norm_layer 'bn', not '{model.norm_layer}' (RNA's USNorm state "
-                           f"dicts are not read)")
     if model.input_normalization == "per_image":
         raise StateDictError(
             "input_normalization 'per_image' is Madry's TensorFlow standardization; the "
@@ -285,10 +308,13 @@ def assign_state_dict(model, state: dict, source: str = "the state dict") -> Non
     found with its shape and every name of the state dict used (or known to be unused);
     nothing is assigned before all of that is checked."""
     _check_model(model)
-    if any(".norm." in name for name in state):
-        raise StateDictError(f"{source} holds RNA's USNorm layers (names like "
-                           f"'{next(n for n in state if '.norm.' in n)}'); only BatchNorm2d "
-                           f"networks are read")
+    rna = next((name for name in state if ".norm." in name), None)
+    if (rna is not None) != (model.norm_layer == "rna"):
+        raise StateDictError(
+            f"{source} " + (f"holds RNA's USNorm layers (names like '{rna}'): set norm_layer "
+                            f"'rna' with the released candidates in their order"
+                            if rna else "holds BatchNorm2d layers: set norm_layer 'bn'")
+            + f", not '{model.norm_layer}'")
     _check_normalize(model, state)
     entries = layout(model)
     values, problems = [], []

@@ -38,16 +38,34 @@ def _conv_w(rng, out, inp, k):
     return rng.normal(0, np.sqrt(2.0 / (k * k * out)), (out, inp, k, k))
 
 
-def _bn_state(rng, prefix, c):
+def _plain_bn_state(rng, prefix, c):
     return {prefix + "weight": rng.uniform(0.5, 1.5, c), prefix + "bias": rng.normal(0, 0.2, c),
             prefix + "running_mean": rng.normal(0, 0.2, c),
             prefix + "running_var": rng.uniform(0.5, 1.5, c),
             prefix + "num_batches_tracked": np.array(391, np.int64)}
 
 
-def resnet18_state(width=2, seed=0):
-    """kuangliu's ResNet(BasicBlock, [2, 2, 2, 2]) with `width` stem filters (64 released)."""
+def _usnorm_state(rng, prefix, c, norm_list):
+    """RNA's USNorm(c, norm_list): `norm.<k>` is BatchNorm2d for 'bn', else a GroupNorm."""
+    sd = {}
+    for k, name in enumerate(norm_list):
+        if name == "bn":
+            sd.update(_plain_bn_state(rng, f"{prefix}norm.{k}.", c))
+        else:
+            sd[f"{prefix}norm.{k}.weight"] = rng.uniform(0.5, 1.5, c)
+            sd[f"{prefix}norm.{k}.bias"] = rng.normal(0, 0.2, c)
+    return sd
+
+
+def resnet18_state(width=2, seed=0, norm_list=None):
+    """kuangliu's ResNet(BasicBlock, [2, 2, 2, 2]) with `width` stem filters (64 released);
+    with `norm_list`, RNA's ResNet18(norm_list): every BatchNorm2d a USNorm."""
     rng = np.random.default_rng(seed)
+
+    def _bn_state(rng, prefix, c):
+        return (_usnorm_state(rng, prefix, c, norm_list) if norm_list
+                else _plain_bn_state(rng, prefix, c))
+
     sd = {"conv1.weight": _conv_w(rng, width, 3, 3), **_bn_state(rng, "bn1.", width)}
     in_planes = width
     for s, planes in enumerate([width, 2 * width, 4 * width, 8 * width], start=1):
@@ -66,9 +84,16 @@ def resnet18_state(width=2, seed=0):
     return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in sd.items()}
 
 
-def wrn_state(widen=1, seed=1, sub_block1=True):
-    """TRADES' WideResNet(depth=34, widen_factor) including its unused `sub_block1`."""
+def wrn_state(widen=1, seed=1, sub_block1=True, norm_list=None):
+    """TRADES' WideResNet(depth=34, widen_factor) including its unused `sub_block1`; with
+    `norm_list`, RNA's WideResNet32(norm_list): the blocks' norms are USNorms, the final
+    BatchNorm2d stays."""
     rng = np.random.default_rng(seed)
+
+    def _bn_state(rng, prefix, c):
+        return (_usnorm_state(rng, prefix, c, norm_list) if norm_list
+                else _plain_bn_state(rng, prefix, c))
+
     ch = [16, 16 * widen, 32 * widen, 64 * widen]
     sd = {"conv1.weight": _conv_w(rng, 16, 3, 3)}
     groups = [("block1", ch[0], ch[1]), ("block2", ch[1], ch[2]), ("block3", ch[2], ch[3])]
@@ -83,7 +108,7 @@ def wrn_state(widen=1, seed=1, sub_block1=True):
             sd[p + "conv2.weight"] = _conv_w(rng, out_planes, out_planes, 3)
             if inp != out_planes:
                 sd[p + "convShortcut.weight"] = _conv_w(rng, out_planes, inp, 1)
-    sd.update(_bn_state(rng, "bn1.", ch[3]))
+    sd.update(_plain_bn_state(rng, "bn1.", ch[3]))
     sd["fc.weight"] = rng.normal(0, 0.3, (CLASSES, ch[3]))
     sd["fc.bias"] = rng.normal(0, 0.3, CLASSES)
     return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in sd.items()}
@@ -108,8 +133,19 @@ def conv2d(x, w, stride, padding):
     return out
 
 
-def batch_norm(x, sd, prefix, eps=1e-5):
-    """nn.BatchNorm2d in eval mode: running statistics."""
+def batch_norm(x, sd, prefix, path=None, eps=1e-5):
+    """nn.BatchNorm2d in eval mode (running statistics); for a USNorm (`prefix + 'norm.k'`),
+    the candidate `next(path)`: its BatchNorm2d, or GroupNorm(C, C), i.e. each sample's and
+    channel's own mean and biased variance over H x W, then the affine map."""
+    if prefix + "weight" not in sd:
+        prefix = f"{prefix}norm.{next(path)}."
+        if prefix + "running_mean" not in sd:
+            mean = x.mean(axis=(2, 3), keepdims=True)
+            var = x.var(axis=(2, 3), keepdims=True)
+            w, b = (sd[prefix + n].astype(np.float64)[None, :, None, None]
+                    for n in ("weight", "bias"))
+            return (x - mean) / np.sqrt(var + eps) * w + b
+
     def c(name):
         return sd[prefix + name].astype(np.float64)[None, :, None, None]
     return (x - c("running_mean")) / np.sqrt(c("running_var") + eps) * c("weight") + c("bias")
@@ -119,39 +155,48 @@ def relu(x):
     return np.maximum(x, 0)
 
 
-def resnet18_forward(sd, x):
+def resnet18_forward(sd, x, path=None):
+    """RNA's ResNet forward; `path`: the candidate of each USNorm in forward order."""
+    path = iter(path or [])
     w = {k: v.astype(np.float64) for k, v in sd.items()}
-    out = relu(batch_norm(conv2d(x, w["conv1.weight"], 1, 1), sd, "bn1."))
+
+    def norm(y, prefix):
+        return batch_norm(y, sd, prefix, path)
+
+    out = relu(norm(conv2d(x, w["conv1.weight"], 1, 1), "bn1."))
     for s in range(1, 5):
         for i in range(2):
             p, stride = f"layer{s}.{i}.", 2 if (s > 1 and i == 0) else 1
-            o = relu(batch_norm(conv2d(out, w[p + "conv1.weight"], stride, 1), sd, p + "bn1."))
-            o = batch_norm(conv2d(o, w[p + "conv2.weight"], 1, 1), sd, p + "bn2.")
+            o = relu(norm(conv2d(out, w[p + "conv1.weight"], stride, 1), p + "bn1."))
+            o = norm(conv2d(o, w[p + "conv2.weight"], 1, 1), p + "bn2.")
             if p + "shortcut.0.weight" in w:
-                out = batch_norm(conv2d(out, w[p + "shortcut.0.weight"], stride, 0), sd,
-                                 p + "shortcut.1.") + o
-            else:
-                out = out + o
-            out = relu(out)
+                out = norm(conv2d(out, w[p + "shortcut.0.weight"], stride, 0), p + "shortcut.1.")
+            out = relu(out + o)
     return out.mean(axis=(2, 3)) @ w["linear.weight"].T + w["linear.bias"]
 
 
-def wrn_forward(sd, x):
+def wrn_forward(sd, x, path=None):
+    """TRADES' / RNA's WideResNet forward; `path` as resnet18_forward's."""
+    path = iter(path or [])
     w = {k: v.astype(np.float64) for k, v in sd.items()}
+
+    def norm(y, prefix):
+        return batch_norm(y, sd, prefix, path)
+
     out = conv2d(x, w["conv1.weight"], 1, 1)
     for b, stride in ((1, 1), (2, 2), (3, 2)):
         for i in range(5):
             p, st = f"block{b}.layer.{i}.", stride if i == 0 else 1
             if p + "convShortcut.weight" in w:  # not equalInOut: x is replaced by relu(bn1(x))
-                out = relu(batch_norm(out, sd, p + "bn1."))
-                o = relu(batch_norm(conv2d(out, w[p + "conv1.weight"], st, 1), sd, p + "bn2."))
+                out = relu(norm(out, p + "bn1."))
+                o = relu(norm(conv2d(out, w[p + "conv1.weight"], st, 1), p + "bn2."))
                 out = conv2d(out, w[p + "convShortcut.weight"], st, 0) + \
                     conv2d(o, w[p + "conv2.weight"], 1, 1)
             else:
-                o = relu(batch_norm(out, sd, p + "bn1."))
-                o = relu(batch_norm(conv2d(o, w[p + "conv1.weight"], st, 1), sd, p + "bn2."))
+                o = relu(norm(out, p + "bn1."))
+                o = relu(norm(conv2d(o, w[p + "conv1.weight"], st, 1), p + "bn2."))
                 out = out + conv2d(o, w[p + "conv2.weight"], 1, 1)
-    out = relu(batch_norm(out, sd, "bn1."))
+    out = relu(norm(out, "bn1."))
     return out.mean(axis=(2, 3)) @ w["fc.weight"].T + w["fc.bias"]
 
 
@@ -192,6 +237,38 @@ def test_wrn34_imports_trades_layout_with_no_normalization():
     torch_import.assign_state_dict(model, sd)
     x255, x01 = _images()
     _assert_logits(model(tf.constant(x255)).numpy(), wrn_forward(sd, x01))
+
+
+def _rna_model(cls, width):
+    keras.utils.set_random_seed(0)
+    return cls(width=width, input_shape=(SIZE, SIZE, 3), input_normalization="channel",
+               input_mean=MEAN, input_std=STD, norm_layer="rna",
+               rna_candidates=["bn", "in"]).build_for_input()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn34"])
+def test_rna_usnorm_state_dicts_give_the_logits_of_each_path(arch):
+    # The released norm_list ['bn', 'gnr_1'] (BatchNorm2d, GroupNorm(C, C)) is ["bn", "in"].
+    cls, width, state, forward = {
+        "resnet18": (models.ResNet18, 2, resnet18_state, resnet18_forward),
+        "wrn34": (models.WRN34, 1, wrn_state, wrn_forward)}[arch]
+    sd = state(norm_list=["bn", "gnr_1"], **({"sub_block1": False} if arch == "wrn34" else {}))
+    model = _rna_model(cls, width)
+    torch_import.assign_state_dict(model, sd)
+    x255, x01 = _images()
+    x_in = (x01 - MEAN[None, :, None, None]) / STD[None, :, None, None]
+    layers = len(model.rna_layers())
+    for path in ([0] * layers, [(i * 7 // 3) % 2 for i in range(layers)]):
+        model.set_path(path)
+        _assert_logits(model(tf.constant(x255)).numpy(), forward(sd, x_in, path))
+    # Refused on the settings, before any variable is read: a plain-BN model.
+    with pytest.raises(UserError, match="holds RNA's USNorm layers .* not 'bn'"):
+        torch_import.assign_state_dict(cls(width=width, input_normalization="none"), sd)
+    if arch == "resnet18":  # candidates in another order than the released norm_list
+        swapped = cls(width=width, input_shape=(SIZE, SIZE, 3), input_normalization="none",
+                      norm_layer="rna", rna_candidates=["in", "bn"]).build_for_input()
+        with pytest.raises(UserError, match="missing 'bn1.norm.1.running_mean'"):
+            torch_import.assign_state_dict(swapped, sd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,9 +366,6 @@ def test_state_dicts_that_do_not_fit_are_refused_before_any_assignment(small_res
     with pytest.raises(UserError, match="1 names the ResNet18 layout does not have: "
                        "'layer5.0.conv1.weight'"):
         torch_import.assign_state_dict(small_resnet, extra)
-    rna = {**sd, "bn1.norm.0.weight": sd["bn1.weight"]}
-    with pytest.raises(UserError, match="RNA's USNorm"):
-        torch_import.assign_state_dict(small_resnet, rna)
     for var, value in zip(small_resnet.variables, before):
         np.testing.assert_array_equal(var.numpy(), value)
 
@@ -314,7 +388,7 @@ def test_models_the_weights_cannot_mean_anything_in_are_refused():
     with pytest.raises(UserError, match="bn_epsilon 0.001"):
         torch_import.assign_state_dict(models.WRN34(
             width=1, input_normalization="none", bn_epsilon=1e-3), sd)
-    with pytest.raises(UserError, match="norm_layer 'bn', not 'rna'"):
+    with pytest.raises(UserError, match="holds BatchNorm2d layers: set norm_layer 'bn', not"):
         torch_import.assign_state_dict(models.ResNet18(
             width=2, input_normalization="none", norm_layer="rna"), sd)
     with pytest.raises(UserError, match="not MadryWRN"):
