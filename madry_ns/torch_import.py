@@ -100,7 +100,7 @@ def read_state_dict(path: str) -> dict:
         state = _read_torch(path)
     else:
         raise StateDictError(f"state dict '{path}': expected a .safetensors, .npz, .pt or .pth "
-                           f"file, got '{ext or 'no extension'}'")
+                             f"file, got '{ext or 'no extension'}'")
     if state and all(name.startswith("module.") for name in state):
         state = {name[len("module."):]: value for name, value in state.items()}
     return state
@@ -118,7 +118,7 @@ def read_safetensors(path: str) -> dict:
     (size,) = struct.unpack("<Q", data[:8])
     if size > min(_MAX_HEADER, len(data) - 8):
         raise StateDictError(f"{where}: header length {size} exceeds the file ({len(data)} "
-                           f"bytes); truncated or not safetensors")
+                             f"bytes); truncated or not safetensors")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -136,11 +136,11 @@ def read_safetensors(path: str) -> dict:
             kind = np.dtype(_SAFETENSORS_DTYPES[dtype])
         except (KeyError, TypeError, ValueError):
             raise StateDictError(f"{where}: tensor '{name}' has an unreadable entry {info} "
-                               f"(dtypes read: {', '.join(_SAFETENSORS_DTYPES)})") from None
+                                 f"(dtypes read: {', '.join(_SAFETENSORS_DTYPES)})") from None
         count = int(np.prod(shape, dtype=np.int64))
         if not (0 <= begin <= end <= len(body)) or end - begin != count * kind.itemsize:
             raise StateDictError(f"{where}: tensor '{name}' ({dtype} {shape}) has data offsets "
-                               f"[{begin}, {end}] that do not fit its size or the file")
+                                 f"[{begin}, {end}] that do not fit its size or the file")
         array = np.frombuffer(body[begin:end], dtype=kind).reshape(shape)
         if dtype == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -162,7 +162,7 @@ def _read_torch(path):
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad or unsafe pickle
         raise StateDictError(f"'{path}' cannot be read by torch.load(weights_only=True): "
-                           f"{type(e).__name__}: {str(e)[:300]}") from None
+                             f"{type(e).__name__}: {str(e)[:300]}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # RNA's model.pth: {'state_dict', 'opt', ...}
     if not isinstance(loaded, dict):
@@ -171,7 +171,7 @@ def _read_torch(path):
     for name, value in loaded.items():
         if not isinstance(value, torch.Tensor):
             raise StateDictError(f"'{path}': entry '{name}' is a {type(value).__name__}, not a "
-                               f"tensor")
+                                 f"tensor")
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
             value = value.float()
@@ -279,8 +279,8 @@ def _check_model(model):
                                      ("bn_epsilon", model.bn_epsilon, 1e-5)):
         if value != torch_value:
             raise StateDictError(f"{name} {value}: PyTorch's BatchNorm2d defaults (momentum "
-                               f"0.1, i.e. Keras 0.9, and eps 1e-5) are what the released "
-                               f"networks use; expected {torch_value}")
+                                 f"0.1, i.e. Keras 0.9, and eps 1e-5) are what the released "
+                                 f"networks use; expected {torch_value}")
 
 
 def _check_normalize(model, state):
@@ -342,8 +342,8 @@ def assign_state_dict(model, state: dict, source: str = "the state dict") -> Non
                         + (" ..." if len(unexpected) > 5 else ""))
     if problems:
         raise StateDictError(f"{source} does not fit the toolkit's {type(model).__name__} "
-                           f"(width {model.width}, {model.num_classes} classes):\n  - "
-                           + "\n  - ".join(problems[:12]))
+                             f"(width {model.width}, {model.num_classes} classes):\n  - "
+                             + "\n  - ".join(problems[:12]))
     for variable, value in values:
         variable.assign(value)
 
@@ -358,13 +358,13 @@ def infer_width(state: dict, arch: str) -> tuple[int, int]:
             filters = state["block1.layer.0.conv1.weight"].shape[0]
             if filters % 16:
                 raise StateDictError(f"WRN's first block has {filters} filters, not a multiple "
-                                   f"of 16")
+                                     f"of 16")
             width, classes = filters // 16, state["fc.weight"].shape[0]
         else:
             raise StateDictError(f"--arch must be one of {', '.join(ARCHS)}, got '{arch}'")
     except KeyError as e:
         raise StateDictError(f"not a {arch} state dict: it has no '{e.args[0]}' (names found: "
-                           f"{', '.join(sorted(state)[:6])} ...)") from None
+                             f"{', '.join(sorted(state)[:6])} ...)") from None
     return int(width), int(classes)
 
 
@@ -378,7 +378,7 @@ def build_imported(state: dict, arch: str, config, source: str = "the state dict
     config = config.replace(model=arch, model_width=width)
     if data.num_classes(config) != classes:
         raise StateDictError(f"{source} has {classes} output classes; the config's dataset "
-                           f"'{config.dataset}' has {data.num_classes(config)}")
+                             f"'{config.dataset}' has {data.num_classes(config)}")
     model = models.build_model(config)
     assign_state_dict(model, state, source)
     return model, config
