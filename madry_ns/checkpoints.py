@@ -162,13 +162,46 @@ def is_madry_tf1(path: str) -> bool:
 
 
 def load_weights(model, path: str) -> None:
-    """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name)."""
+    """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name).
+
+    The input normalization is a setting, not a weight, so it is checked against the
+    `config.json` beside one of ours: weights trained on other inputs are refused."""
     if not os.path.exists(path + ".index"):
         raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
     if is_madry_tf1(path):
         load_madry_tf1(model, path)
     else:
+        check_input_normalization(model, path)
         restore(tf.train.Checkpoint(model=model), path, partial=True)
+
+
+_NORMALIZATION_KEYS = ("input_normalization", "input_mean", "input_std")
+
+
+def check_input_normalization(model, path: str) -> None:
+    """Raise CheckpointError when the run's `config.json` beside checkpoint `path` names
+    another input normalization than `model` has (a config written before the setting
+    existed means per_image). Nothing is checked without a readable config.json."""
+    import json
+
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict) or getattr(model, "input_normalization", None) is None:
+        return
+    saved = {key: saved.get(key, config_lib.default_value(key)) for key in _NORMALIZATION_KEYS}
+    mine = {"input_normalization": model.input_normalization,
+            "input_mean": list(model.input_mean), "input_std": list(model.input_std)}
+    if saved["input_normalization"] != "channel":  # the constants matter only there
+        saved = {k: v for k, v in saved.items() if k == "input_normalization"}
+    if {k: mine[k] for k in saved} != saved:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained on inputs normalized as {saved} ({config_path}); "
+            f"this model normalizes as {mine}: set the same input_normalization (and "
+            f"input_mean/input_std) in the config")
 
 
 def load_madry_tf1(model, path: str) -> None:

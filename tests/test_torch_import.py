@@ -418,6 +418,10 @@ def test_command_writes_a_model_dir_that_loads_with_the_pytorch_logits(tmp_path)
     x = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
     want = wrn_forward(sd, np.transpose(x.astype(np.float64) / 255, (0, 3, 1, 2)))
     _assert_logits(model(tf.constant(x)).numpy(), want)
+    # The weights know nothing of their input scale; the config.json beside them does.
+    with pytest.raises(UserError, match="trained on inputs normalized as .*'none'"):
+        madry_ns.checkpoints.load_weights(models.WRN34(width=1),
+                                          madry_ns.checkpoints.latest_checkpoint(out))
     with pytest.raises(SystemExit) as refused:  # an existing checkpoint is not overwritten
         torch_import.main(argv)
     assert refused.value.code == 2
