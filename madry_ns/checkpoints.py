@@ -162,13 +162,46 @@ def is_madry_tf1(path: str) -> bool:
 
 
 def load_weights(model, path: str) -> None:
-    """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name)."""
+    """Load a checkpoint prefix into `model`: ours, or Madry's TF1 format (by name).
+
+    The input normalization is a setting, not a weight, so it is checked against the
+    `config.json` beside one of ours: weights trained on other inputs are refused."""
     if not os.path.exists(path + ".index"):
         raise CheckpointError(f"checkpoint '{path}' not found (no {path}.index)")
     if is_madry_tf1(path):
         load_madry_tf1(model, path)
     else:
+        check_input_normalization(model, path)
         restore(tf.train.Checkpoint(model=model), path, partial=True)
+
+
+_NORMALIZATION_KEYS = ("input_normalization", "input_mean", "input_std")
+
+
+def check_input_normalization(model, path: str) -> None:
+    """Raise CheckpointError when the run's `config.json` beside checkpoint `path` names
+    another input normalization than `model` has (a config written before the setting
+    existed means per_image). Nothing is checked without a readable config.json."""
+    import json
+
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict) or getattr(model, "input_normalization", None) is None:
+        return
+    saved = {key: saved.get(key, config_lib.default_value(key)) for key in _NORMALIZATION_KEYS}
+    mine = {"input_normalization": model.input_normalization,
+            "input_mean": list(model.input_mean), "input_std": list(model.input_std)}
+    if saved["input_normalization"] != "channel":  # the constants matter only there
+        saved = {k: v for k, v in saved.items() if k == "input_normalization"}
+    if {k: mine[k] for k in saved} != saved:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained on inputs normalized as {saved} ({config_path}); "
+            f"this model normalizes as {mine}: set the same input_normalization (and "
+            f"input_mean/input_std) in the config")
 
 
 def load_madry_tf1(model, path: str) -> None:
@@ -228,6 +261,28 @@ def madry_tf1_width(path: str) -> int:
                                       f"has shape {list(found)}")
             + ", expected shape [3, 3, 16, 16 * width] (Madry's WRN-34)")
     return width
+
+
+def save_weights(model_dir: str, model, config, step: int = 0) -> str:
+    """Write `model`'s weights as `model_dir/checkpoint-<step>` with the run's `config.json`
+    beside it, as train.py leaves a model_dir, so eval.py, `load_model` and `init_checkpoint`
+    read it. For weights made elsewhere (`madry_ns.torch_import`): no optimizer state, so
+    fine-tune it through `init_checkpoint` from another model_dir.
+
+    The config is written first (atomically) and the checkpoint's state file last, so an
+    interrupted write leaves no checkpoint named as latest. A model_dir that already holds a
+    checkpoint is refused rather than overwritten.
+    """
+    from madry_ns import files
+
+    if latest_checkpoint(model_dir) is not None:
+        raise CheckpointError(f"'{model_dir}' already holds a checkpoint "
+                              f"({latest_checkpoint(model_dir)}); choose an empty model_dir")
+    files.atomic_write_text(os.path.join(model_dir, "config.json"),
+                            config.replace(model_dir=model_dir).to_json())
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir,
+                                         max_to_keep=None, checkpoint_name=CHECKPOINT_NAME)
+    return manager.save(checkpoint_number=step)
 
 
 def latest_checkpoint(model_dir: str) -> str | None:

@@ -25,6 +25,11 @@ TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
 BN_MODES = ("population", "batch_update", "batch_frozen")
 TRAINABLE = ("all", "bn_stats", "bn_affine", "bn", "bn+logits+conv1")
+# The models' input normalizations (`madry_ns.models`, which explains them) and CIFAR-10's
+# channel constants on the 0-1 scale, as RNA's utils.py and RobustBench use them.
+INPUT_NORMALIZATIONS = ("per_image", "channel", "none")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 def _key(default: Any, doc: str, check: Callable[[Any], str | None] | None = None,
@@ -98,6 +103,14 @@ def _schedule(v):
     return None
 
 
+def _channel_constants(v, positive: bool) -> str | None:
+    expected = ("a non-empty list of numbers" + (" > 0" if positive else "")
+                + ", one per image channel, on the 0-1 scale, e.g. [0.4914, 0.4822, 0.4465]")
+    if not v or not all(_is_number(c) for c in v) or (positive and min(v) <= 0):
+        return expected
+    return None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -152,6 +165,20 @@ class Config:
         "16/160/320/640; 1 for resnet20: 16/32/64; 64 for resnet18: first-stage filters "
         "64/128/256/512; 10 for wrn34). madry_wrn width 1 is the narrow 16/16/32/64 variant "
         "Madry's code mentions; resnet18 width 8 (8/16/32/64) is CPU-sized", _positive)
+    input_normalization: str = _key(
+        "per_image", "What the model does to its 0-255 input: 'per_image' (Madry's "
+        "tf.image.per_image_standardization), 'channel' ((x/255 - input_mean) / input_std: "
+        "RNA's and RobustBench's PyTorch models) or 'none' (x/255 only: TRADES' WRN-34-10 "
+        "takes 0-1 images). epsilon and step_size stay on the 0-255 scale",
+        _one_of(*INPUT_NORMALIZATIONS))
+    input_mean: list = _key(
+        list(CIFAR10_MEAN), "With input_normalization 'channel': the mean of each channel on "
+        "the 0-1 scale (default CIFAR-10's, as RNA and RobustBench use it)",
+        lambda v: _channel_constants(v, positive=False))
+    input_std: list = _key(
+        list(CIFAR10_STD), "With input_normalization 'channel': the standard deviation of each "
+        "channel on the 0-1 scale (default CIFAR-10's)",
+        lambda v: _channel_constants(v, positive=True))
     norm_layer: str = _key("bn", "'bn' (batch norm) or 'rna' (Random Normalization Aggregation: "
                            "each batch norm becomes a random choice among rna_candidates; "
                            "the final BN of madry_wrn and wrn34 stays BN, as released)",
@@ -390,6 +417,15 @@ def _check_consistency(c: "Config", source: str) -> None:
                         "train_attack_bn_mode 'batch_update' would update them at every attack "
                         "step; use 'population' (the paper's attack on the eval-mode model) or "
                         "'batch_frozen'")
+    if c.input_normalization != "channel":
+        for key in ("input_mean", "input_std"):
+            if getattr(c, key) != default_value(key):
+                problems.append(f"{key} {getattr(c, key)} is used only with "
+                                f"input_normalization 'channel', not "
+                                f"'{c.input_normalization}'")
+    if len(c.input_mean) != len(c.input_std):
+        problems.append(f"input_mean {c.input_mean} and input_std {c.input_std} need the "
+                        f"same length (one value per channel)")
     if c.reset_bn_stats and not c.init_checkpoint:
         problems.append("reset_bn_stats resets the statistics loaded from init_checkpoint, but "
                         "init_checkpoint is not set (a fresh model starts at 0/1 anyway)")

@@ -1,8 +1,10 @@
 """Models: Madry's wide ResNet (cifar10_challenge `model.py`), ResNet-20, and the PyTorch
 ResNet-18 and WRN-34-10 of the RNA code (UniSerj/Random-Norm-Aggregation, `model/`).
 
-Every model takes float images on Madry's 0-255 scale, standardizes each image inside the
-model (as Madry does, so epsilon keeps its meaning), returns logits, and is called as
+Every model takes float images on Madry's 0-255 scale (so epsilon keeps its meaning),
+normalizes them inside the model as `input_normalization` says (`INPUT_NORMALIZATIONS`:
+Madry's per-image standardization by default; channel mean/std or plain x / 255 for the
+PyTorch models' conventions), returns logits, and is called as
 ``model(x, bn_mode=...)``, where `bn_mode` is one of `layers.BN_MODES` and reaches every
 normalization layer explicitly (Keras does not forward custom keywords by itself). Without
 `bn_mode`, Keras' `training` flag decides: True is `batch_update`, otherwise `population`.
@@ -12,7 +14,8 @@ each batch norm, with `rna_candidates`); `model.rna_layers()`, `model.resample(s
 `model.set_path(...)` and `model.path()` select the random path (see `_Classifier`).
 
 Every setting is a constructor argument (width, num_classes, input_shape, norm_layer,
-rna_candidates, rna_sampling, bn_epsilon, bn_momentum, synchronized, weight_decay_on; see
+rna_candidates, rna_sampling, bn_epsilon, bn_momentum, synchronized, weight_decay_on,
+input_normalization, input_mean, input_std; see
 `_Classifier`), `get_config()` returns them all and `cls.from_config(model.get_config())`
 rebuilds the model. Every model and layer class is registered with Keras (package
 "madry_ns"), so after `import madry_ns.models`, `keras.saving.load_model("m.keras")` restores
@@ -28,6 +31,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from madry_ns.config import CIFAR10_MEAN, CIFAR10_STD, INPUT_NORMALIZATIONS
 from madry_ns.layers import RNA_DEFAULT_CANDIDATES, BatchNorm, RandomNorm, resolve_mode
 
 # Madry: tf.random_normal_initializer(stddev=sqrt(2 / (k*k*out_filters))), untruncated.
@@ -44,6 +48,12 @@ _TORCH_DENSE_INIT = dict(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
 STANDARD_WIDTH = {"madry_wrn": 10, "resnet20": 1, "resnet18": 64, "wrn34": 10}
 NORM_LAYERS = ("bn", "rna")
 RNA_SAMPLING = ("per_layer", "network")
+# INPUT_NORMALIZATIONS, what the model does to its 0-255 input before the first layer:
+# * per_image: Madry's tf.image.per_image_standardization (the toolkit's default);
+# * channel: (x / 255 - mean) / std per channel, the constants on the 0-1 scale (RNA's
+#   ResNet-18 and WRN, many RobustBench models: torchvision's Normalize after ToTensor;
+#   CIFAR10_MEAN and CIFAR10_STD by default, RNA's utils.py constants);
+# * none: x / 255 only, the 0-1 input of TRADES' WRN-34-10 (ToTensor, no Normalize).
 
 
 def norm_factory(norm_layer: str = "bn", rna_candidates=RNA_DEFAULT_CANDIDATES,
@@ -155,7 +165,7 @@ WEIGHT_DECAY_ON = ("kernels", "all")
 
 
 class _Classifier(keras.Model):
-    """Shared plumbing: 0-255 input, per-image standardization, BN-mode resolution, and
+    """Shared plumbing: 0-255 input, input normalization, BN-mode resolution, and
     every setting of a model, which `get_config` returns and `from_config` takes back:
 
     * `width`, `num_classes`, `input_shape` (height, width, channels of one image);
@@ -164,9 +174,14 @@ class _Classifier(keras.Model):
     * `bn_epsilon`, `bn_momentum` of the model's batch norms (RNA layers keep the released
       code's constants, see `norm_factory`), `synchronized` (batch statistics over every
       replica of a tf.distribute strategy);
-    * `weight_decay_on`: what `decay_variables` covers, "kernels" (Madry) or "all".
+    * `weight_decay_on`: what `decay_variables` covers, "kernels" (Madry) or "all";
+    * `input_normalization` (`INPUT_NORMALIZATIONS`: "per_image", Madry's and the default;
+      "channel", (x / 255 - input_mean) / input_std with one constant per channel on the
+      0-1 scale, CIFAR-10's by default; "none", x / 255). The constants are Python floats,
+      not weights: checkpoints hold the same variables whatever the setting, and a model
+      saved before the setting existed loads as "per_image".
 
-    Subclasses define `forward(x, bn_mode)` on the standardized images and create their
+    Subclasses define `forward(x, bn_mode)` on the normalized images and create their
     layers with `self._norm_factory()` (the norms) and `self._bn(name)` (a BatchNorm that
     stays one with RNA); `first_conv()` and `logit_layer()` name the parts fine-tuning
     selects.
@@ -176,7 +191,9 @@ class _Classifier(keras.Model):
                  input_shape=DEFAULT_INPUT_SHAPE, norm_layer: str = "bn",
                  rna_candidates=RNA_DEFAULT_CANDIDATES, rna_sampling: str = "per_layer",
                  bn_epsilon: float = 1e-3, bn_momentum: float = 0.9,
-                 synchronized: bool = False, weight_decay_on: str = "kernels", **kwargs):
+                 synchronized: bool = False, weight_decay_on: str = "kernels",
+                 input_normalization: str = "per_image", input_mean=CIFAR10_MEAN,
+                 input_std=CIFAR10_STD, **kwargs):
         super().__init__(**kwargs)
         input_shape = tuple(int(d) for d in input_shape)
         if len(input_shape) != 3 or min(input_shape) < 1:
@@ -190,6 +207,17 @@ class _Classifier(keras.Model):
         if weight_decay_on not in WEIGHT_DECAY_ON:
             raise ValueError(f"weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
                              f"{weight_decay_on!r}")
+        if input_normalization not in INPUT_NORMALIZATIONS:
+            raise ValueError(f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got "
+                             f"{input_normalization!r}")
+        input_mean = tuple(float(m) for m in input_mean)
+        input_std = tuple(float(s) for s in input_std)
+        if input_normalization == "channel" and not (
+                len(input_mean) == len(input_std) == input_shape[-1]
+                and min(input_std) > 0):
+            raise ValueError(f"input_normalization 'channel' needs one input_mean and one "
+                             f"positive input_std per channel ({input_shape[-1]} channels), "
+                             f"got mean {list(input_mean)} and std {list(input_std)}")
         self.width, self.num_classes, self.image_shape = int(width), int(num_classes), \
             input_shape
         self.norm_layer, self.rna_candidate_names = norm_layer, tuple(rna_candidates)
@@ -197,11 +225,25 @@ class _Classifier(keras.Model):
         self.bn_epsilon, self.bn_momentum = float(bn_epsilon), float(bn_momentum)
         self.synchronized = bool(synchronized)
         self.weight_decay_on = weight_decay_on
+        self.input_normalization = input_normalization
+        self.input_mean, self.input_std = input_mean, input_std
+
+    def normalize_input(self, x):
+        """The network's input from 0-255 images, as `input_normalization` says."""
+        x = tf.cast(x, self.compute_dtype)
+        if self.input_normalization == "per_image":
+            return tf.image.per_image_standardization(x)
+        # Scale first, as PyTorch's ToTensor does, then Normalize's (x - mean) / std.
+        x = x / tf.constant(255.0, x.dtype)
+        if self.input_normalization == "none":
+            return x
+        mean = tf.constant(self.input_mean, x.dtype)
+        std = tf.constant(self.input_std, x.dtype)
+        return (x - mean) / std
 
     def call(self, x, training=None, bn_mode=None):
         bn_mode = resolve_mode(bn_mode, training)
-        x = tf.image.per_image_standardization(tf.cast(x, self.compute_dtype))
-        logits = self.forward(x, bn_mode)
+        logits = self.forward(self.normalize_input(x), bn_mode)
         # Float32 logits under mixed precision: losses and attack gradients stay accurate.
         return tf.cast(logits, tf.float32) if logits.dtype.size < 4 else logits
 
@@ -249,7 +291,9 @@ class _Classifier(keras.Model):
                 "rna_candidates": list(self.rna_candidate_names),
                 "rna_sampling": self.rna_sampling, "bn_epsilon": self.bn_epsilon,
                 "bn_momentum": self.bn_momentum, "synchronized": self.synchronized,
-                "weight_decay_on": self.weight_decay_on}
+                "weight_decay_on": self.weight_decay_on,
+                "input_normalization": self.input_normalization,
+                "input_mean": list(self.input_mean), "input_std": list(self.input_std)}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -272,7 +316,7 @@ class _Classifier(keras.Model):
     # ----- The parts fine-tuning selects (finetune.py's "bn+logits+conv1") -----
 
     def first_conv(self) -> keras.layers.Layer:
-        """The first convolution, applied to the standardized image."""
+        """The first convolution, applied to the normalized image."""
         return self.init_conv
 
     def logit_layer(self) -> keras.layers.Layer:
@@ -699,6 +743,8 @@ def model_settings(config) -> dict:
             "norm_layer": config.norm_layer, "rna_candidates": list(config.rna_candidates),
             "rna_sampling": config.rna_sampling,
             "weight_decay_on": config.weight_decay_variables,
+            "input_normalization": config.input_normalization,
+            "input_mean": list(config.input_mean), "input_std": list(config.input_std),
             "synchronized": config.bn_sync == "synchronized" and config.distribution != "none"}
 
 
@@ -716,14 +762,20 @@ def build_model(config, input_shape=None, num_classes=None) -> _Classifier:
 
     if config.model not in MODEL_CLASSES:  # config validation makes this unreachable
         raise ValueError(f"unknown model {config.model!r}")
-    previous = keras.config.dtype_policy()
-    if config.precision != "float32":
-        keras.config.set_dtype_policy(config.precision)
     if input_shape is None or num_classes is None:
         from madry_ns import data
 
         input_shape = input_shape or data.image_shape(config)
         num_classes = num_classes or data.num_classes(config)
+    if config.input_normalization == "channel":
+        for key in ("input_mean", "input_std"):
+            if len(getattr(config, key)) != int(input_shape[-1]):
+                raise ConfigError(f"key '{key}' has value {getattr(config, key)}: "
+                                  f"input_normalization 'channel' needs one value per channel "
+                                  f"of the dataset's images ({int(input_shape[-1])})")
+    previous = keras.config.dtype_policy()
+    if config.precision != "float32":
+        keras.config.set_dtype_policy(config.precision)
     try:
         model = MODEL_CLASSES[config.model](
             input_shape=tuple(input_shape), num_classes=num_classes, **model_settings(config))

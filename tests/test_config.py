@@ -34,6 +34,7 @@ MADRY_VALUES = {
 MADRY_BEHAVIOUR_DEFAULTS = {
     "model": "madry_wrn", "model_width": None, "dataset": "cifar10", "augmentation": "madry",
     "training_method": "madry", "train_attack_bn_mode": "batch_update",
+    "input_normalization": "per_image",
 }
 
 
@@ -174,6 +175,10 @@ def test_wrong_type_names_key_value_and_expectation(tmp_path, key, value, expect
     ("training_method", "pgd", "one of"),
     ("train_attack_bn_mode", "train", "one of"),
     ("augmentation", "flip", "one of"),
+    ("input_normalization", "standard", "one of 'per_image', 'channel', 'none'"),
+    ("input_mean", [], "a non-empty list of numbers, one per image channel"),
+    ("input_mean", ["0.5"], "a non-empty list of numbers, one per image channel"),
+    ("input_std", [0.2, 0.0, 0.2], "a non-empty list of numbers > 0"),
 ])
 def test_out_of_range_names_key_value_and_expectation(tmp_path, key, value, expected):
     message = load_error(tmp_path, {key: value})
@@ -376,3 +381,16 @@ def test_script_without_cifar10_fails_in_seconds_with_instructions(tmp_path, mon
     assert "download_and_prepare" in result.stderr and '"dataset": "digits"' in result.stderr
     assert "Traceback" not in result.stderr
     assert seconds < 60
+
+
+def test_channel_constants_belong_to_channel_normalization(tmp_path):
+    message = load_error(tmp_path, {"input_mean": [0.5, 0.5, 0.5]})
+    assert "input_mean [0.5, 0.5, 0.5] is used only with input_normalization 'channel'" \
+        in message
+    message = load_error(tmp_path, {"input_normalization": "channel", "input_mean": [0.5],
+                                    "input_std": [0.2, 0.2]})
+    assert "need the same length" in message
+    config = config_lib.from_dict({"input_normalization": "channel", "input_mean": [0.5],
+                                   "input_std": [0.25]})
+    assert (config.input_mean, config.input_std) == ([0.5], [0.25])
+

@@ -320,7 +320,8 @@ from madry_ns import finetune, models  # noqa: E402
 TINY_WIDTH = {"madry_wrn": 1, "resnet20": 1, "resnet18": 4, "wrn34": 1}
 NOT_DEFAULT = dict(num_classes=5, input_shape=(20, 24, 1), norm_layer="rna",
                    rna_candidates=["bn", "ln"], rna_sampling="network", bn_epsilon=2e-4,
-                   bn_momentum=0.8, synchronized=True, weight_decay_on="all")
+                   bn_momentum=0.8, synchronized=True, weight_decay_on="all",
+                   input_normalization="channel", input_mean=[0.25], input_std=[0.5])
 
 
 @pytest.mark.parametrize("name", sorted(models.MODEL_CLASSES))
@@ -347,6 +348,82 @@ def test_get_config_round_trips_every_setting(name):
     plain = cls().get_config()
     assert plain["bn_epsilon"] == (1e-3 if name in ("madry_wrn", "resnet20") else 1e-5)
     assert (plain["input_shape"], plain["num_classes"]) == ([32, 32, 3], 10)
+    assert plain["input_normalization"] == "per_image"
+    # A config saved before the normalization settings existed (an older .keras file)
+    # rebuilds with Madry's per-image standardization.
+    old = {k: v for k, v in plain.items() if not k.startswith("input_") or k == "input_shape"}
+    assert cls.from_config(old).get_config() == plain
+
+
+INPUTS = np.random.default_rng(7).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def normalized_twins():
+    """ResNet-20s at width 1 with the same weights, one per input normalization, and the
+    first convolution's input captured per call."""
+    built = {}
+    for how in models.INPUT_NORMALIZATIONS:
+        keras.utils.set_random_seed(5)
+        built[how] = _randomized(models.ResNet20(
+            width=1, input_shape=(16, 16, 3), input_normalization=how,
+            input_mean=[0.5, 0.4, 0.3], input_std=[0.2, 0.25, 0.3]).build_for_input())
+    return built
+
+
+def test_input_normalizations_feed_the_network_what_they_say(normalized_twins):
+    x = tf.constant(INPUTS)
+    per_image = normalized_twins["per_image"].normalize_input(x).numpy()
+    # Bit for bit the call the model made before the setting existed.
+    np.testing.assert_array_equal(per_image, tf.image.per_image_standardization(x).numpy())
+    np.testing.assert_array_equal(normalized_twins["none"].normalize_input(x).numpy(),
+                                  (INPUTS / np.float32(255)).astype(np.float32))
+    want = (INPUTS.astype(np.float64) / 255 - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.3]
+    np.testing.assert_allclose(normalized_twins["channel"].normalize_input(x).numpy(), want,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_logits_are_the_forward_of_the_normalized_input(normalized_twins):
+    x = tf.constant(INPUTS)
+    per_image = normalized_twins["per_image"]
+    for how, model in normalized_twins.items():
+        got = model(x, bn_mode="population").numpy()
+        # The same weights on the same normalized input: the normalization is all that differs.
+        want = per_image.forward(model.normalize_input(x), "population").numpy()
+        np.testing.assert_array_equal(got, want, err_msg=how)
+
+
+def test_keras_file_keeps_the_input_normalization(tmp_path, normalized_twins):
+    model = normalized_twins["channel"]
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.get_config() == model.get_config()
+    x = tf.constant(INPUTS)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_channel_constants_must_match_the_channels():
+    with pytest.raises(ValueError, match="one input_mean and one positive input_std per"):
+        models.ResNet20(input_normalization="channel", input_mean=[0.5], input_std=[0.2])
+    with pytest.raises(ValueError, match="input_normalization must be one of"):
+        models.ResNet20(input_normalization="torch")
+    config = config_lib.from_dict({"model": "resnet20", "input_normalization": "channel",
+                                   "input_mean": [0.5], "input_std": [0.2]})
+    from madry_ns.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="key 'input_mean' has value \\[0.5\\]"):
+        build_model(config)
+
+
+def test_build_model_passes_the_input_normalization():
+    config = config_lib.from_dict({"model": "resnet20", "input_normalization": "channel",
+                                   "input_mean": [0.1, 0.2, 0.3], "input_std": [1, 2, 3]})
+    c = build_model(config).get_config()
+    assert (c["input_normalization"], c["input_mean"], c["input_std"]) == \
+        ("channel", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    assert build_model(config_lib.from_dict(
+        {"model": "resnet20"})).get_config()["input_normalization"] == "per_image"
 
 
 def _randomized(model, seed=0):
