@@ -55,6 +55,8 @@ Where this differs from train.py:
   weights and optimizer untouched) or skips the batch with a warning ("skip"); nothing is
   written to `nonfinite.jsonl`;
 * `init_checkpoint` (with `reset_bn_stats`) is loaded when the trainer is built;
+* the run's hyperparameters reach TensorBoard's hparams plugin through the `HParams`
+  callback (every config key, as the step reads it);
 * `trainer.save(path)` saves the classifier (what `keras.saving.load_model` reads back), so
   `ModelCheckpoint("....keras")` writes the trained network; `trainer(x)` is the
   classifier's population-statistics forward; `compile`'s `loss` and `metrics` serve
@@ -83,7 +85,8 @@ from madry_ns import config as config_lib
 from madry_ns import data, distribute, finetune, training
 from madry_ns.errors import ConfigError, UserError
 
-__all__ = ["AdversarialTrainer", "training_data", "resolve_config"]
+__all__ = ["AdversarialTrainer", "HParams", "hparams_values", "training_data",
+           "resolve_config"]
 
 # What a plain Keras model cannot do, checked before training: (key, refused value test, why).
 _PLAIN_KERAS_LIMITS = (
@@ -363,6 +366,44 @@ class AdversarialTrainer(keras.Model):
     def save(self, filepath, *args, **kwargs):
         """Save the classifier (the trained network), e.g. as `.keras`."""
         return self.classifier.save(filepath, *args, **kwargs)
+
+
+def hparams_values(config) -> dict:
+    """Every config key as a TensorBoard hparams value (bool, int, float or str): lists as
+    their JSON text, null as the string "null"."""
+    import json
+
+    values = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, (bool, int, float, str)):
+            values[key] = value
+        else:
+            values[key] = json.dumps(value)
+    return values
+
+
+class HParams(keras.callbacks.Callback):
+    """A Keras callback that writes the run's hyperparameters (the trainer's `config`, every
+    key; `hparams_values`) to TensorBoard's hparams plugin in `log_dir` when training begins.
+    Give it the TensorBoard callback's `log_dir`, so the dashboard pairs them with the run's
+    scalars: `fit(..., callbacks=[TensorBoard(d), HParams(d)])`."""
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+
+    def on_train_begin(self, logs=None):
+        from tensorboard.plugins.hparams import api as hp
+
+        config = getattr(self.model, "config", None)
+        if config is None:
+            raise UserError("fit.HParams: the model has no madry_ns config; use it with "
+                            "madry_ns.AdversarialTrainer")
+        writer = tf.summary.create_file_writer(self.log_dir)
+        with writer.as_default():
+            hp.hparams(hparams_values(config))
+        writer.flush()
+        writer.close()
 
 
 def _quiet(*args, **kwargs):
