@@ -45,22 +45,24 @@ Where this differs from train.py:
   over it and shaping splits it), and every batch must be full;
 * the strategy is the one in scope when the trainer is built (Keras' convention), and the
   model decides its normalization: `distribution`, `bn_sync` (from the model's
-  `synchronized`), `norm_layer`, `model*`, `dataset` and `precision` describe how train.py
-  builds a model and are not read from the settings (`norm_layer: "rna"` with a model that
+  `synchronized`), `norm_layer`, `precision` (from the model's dtype policy), `model*` and
+  `dataset` describe how train.py builds a model and are not read from the settings (`norm_layer: "rna"` with a model that
   has no RNA layers, or `distribution` other than "none" outside a strategy, is refused);
   per-replica BN statistics are averaged over the replicas at the end of every epoch and of
   training (train.py: before every checkpoint), so a ModelCheckpoint with a batch
   `save_freq` under several replicas may hold replica 0's statistics;
-* a non-finite loss or gradient raises `training.TrainingStopped` (`on_nonfinite: "stop"`,
-  weights and optimizer untouched) or skips the batch with a warning ("skip"); nothing is
-  written to `nonfinite.jsonl`;
+* a non-finite loss or gradient raises `training.TrainingStopped` (`on_nonfinite: "stop"`:
+  parameters and optimizer untouched; the BN statistics the step's forwards moved stay moved,
+  which train.py never saves) or skips the batch with a warning ("skip": statistics put back
+  too, the step counted); nothing is written to `nonfinite.jsonl`;
 * `init_checkpoint` (with `reset_bn_stats`) is loaded when the trainer is built;
 * the run's hyperparameters reach TensorBoard's hparams plugin through the `HParams`
   callback (every config key, as the step reads it);
 * `trainer.save(path)` saves the classifier (what `keras.saving.load_model` reads back), so
   `ModelCheckpoint("....keras")` writes the trained network; `trainer(x)` is the
   classifier's population-statistics forward; `compile`'s `loss` and `metrics` serve
-  `evaluate` only (clean inputs, population statistics).
+  `evaluate` only (clean inputs, population statistics); `jit_compile` and `run_eagerly`
+  do not change the step, which is always train.py's compiled functions.
 
 Plain Keras classifiers (e.g. `keras.Sequential` with `keras.layers.BatchNormalization`)
 train with Madry PGD, TRADES and natural training: their BN layers called with
@@ -197,6 +199,9 @@ def _effective_config(model, config, toolkit: bool, net) -> config_lib.Config:
                "bn_sync": "synchronized" if synchronized else "per_replica"}
     if toolkit:
         changes["norm_layer"] = model.norm_layer
+    policy = getattr(getattr(model, "dtype_policy", None), "name", None)
+    if policy in ("float32", "mixed_float16", "mixed_bfloat16"):
+        changes["precision"] = policy  # loss scaling follows the model's float16 compute
     effective = config.replace(**changes)
     distribute.check_batch(effective, replicas)
     return effective

@@ -326,6 +326,38 @@ def test_plain_keras_refuses_what_needs_the_toolkits_bn_modes(key, value):
         madry_ns.AdversarialTrainer(_plain(), **FAST, **extra, **{key: value})
 
 
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_a_non_finite_loss_stops_or_skips_without_touching_the_weights(on_nonfinite):
+    trainer = madry_ns.AdversarialTrainer(_plain(), **FAST, on_nonfinite=on_nonfinite)
+    trainer.compile()
+    before = _state(trainer)
+    x, y = _images(BATCH)
+    x[0, 0, 0, 0] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    if on_nonfinite == "stop":
+        with pytest.raises(training.TrainingStopped, match="non-finite loss or gradient at "
+                                                           "step 0.*not applied"):
+            trainer.fit(data, epochs=1, verbose=0)
+        # Parameters and optimizer as before; the BN statistics the step's forwards changed
+        # are not put back (train.py's "stop" ends the run without saving them).
+        trainable = {id(v) for v in trainer.classifier.trainable_variables}
+        kept = [i for i, v in enumerate(list(trainer.classifier.variables)
+                                        + list(trainer.optimizer.variables))
+                if id(v) in trainable or i >= len(trainer.classifier.variables)]
+        _assert_equal_states([_state(trainer)[i] for i in kept], [before[i] for i in kept])
+    else:
+        with pytest.warns(RuntimeWarning, match="step 0: non-finite.*batch skipped"):
+            trainer.fit(data, epochs=1, verbose=0)
+        after = _state(trainer)
+        assert int(trainer.optimizer.iterations.numpy()) == 1  # the step still counts
+        iterations = [i for i, v in enumerate(trainer.optimizer.variables)
+                      if v is trainer.optimizer.iterations]
+        _assert_equal_states([v for i, v in enumerate(after)
+                              if i - len(trainer.classifier.variables) not in iterations],
+                             [v for i, v in enumerate(before)
+                              if i - len(trainer.classifier.variables) not in iterations])
+
+
 def test_a_batch_of_the_wrong_size_is_a_clear_error():
     trainer = madry_ns.AdversarialTrainer(_plain(), **FAST)
     trainer.compile()
