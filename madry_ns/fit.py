@@ -46,8 +46,9 @@ Where this differs from train.py:
 * the strategy is the one in scope when the trainer is built (Keras' convention), and the
   model decides its normalization: `distribution`, `bn_sync` (from the model's
   `synchronized`), `norm_layer`, `precision` (from the model's dtype policy), `model*` and
-  `dataset` describe how train.py builds a model and are not read from the settings (`norm_layer: "rna"` with a model that
-  has no RNA layers, or `distribution` other than "none" outside a strategy, is refused);
+  `dataset` describe how train.py builds a model and are not read from the settings
+  (`norm_layer: "rna"` with a model that has no RNA layers, or `distribution` other than
+  "none" outside a strategy, is refused);
   per-replica BN statistics are averaged over the replicas at the end of every epoch and of
   training (train.py: before every checkpoint), so a ModelCheckpoint with a batch
   `save_freq` under several replicas may hold replica 0's statistics;
@@ -81,6 +82,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from madry_ns import config as config_lib
@@ -313,6 +315,20 @@ class AdversarialTrainer(keras.Model):
         """Keras' metrics and the training logs' epoch means."""
         super().reset_metrics()
         self._means.reset()
+
+    def get_metrics_result(self):
+        """Keras' metric results, leaving out compile metrics no evaluation has built yet
+        (training does not feed them: its logs are the trainer's own)."""
+        results = {}
+        for metric in self.metrics:
+            if getattr(metric, "built", True) is False:
+                continue
+            result = metric.result()
+            results.update(result if isinstance(result, dict) else {metric.name: result})
+        if not tf.executing_eagerly():  # called inside evaluate's compiled test step
+            return results
+        return {name: np.asarray(value).item() if np.size(value) == 1 else np.asarray(value)
+                for name, value in results.items()}
 
     def make_train_function(self, force=False):
         """The step that `fit` calls per batch: `_train_batch` (see `TrainStep`)."""

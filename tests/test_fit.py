@@ -309,10 +309,19 @@ def test_plain_keras_classifier_trains_with_madry_pgd_and_trades(method):
     bn = net.layers[2]
     trainer = madry_ns.AdversarialTrainer(net, training_method=method, **FAST)
     assert trainer.config.train_attack_bn_mode == "batch_update"  # the default: Keras' own
-    trainer.compile()
+    # compile's loss and metrics serve evaluate (and validation): clean, population forward.
+    trainer.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
     before = [v.numpy().copy() for v in net.variables]
-    history = trainer.fit(_batches(2), epochs=1, verbose=0)
+    history = trainer.fit(_batches(2), epochs=1, verbose=0, validation_data=_batches(1, 3))
     assert np.isfinite(history.history["loss"][0]) and history.history["loss"][0] > 0
+    assert set(history.history) == {"loss", "adv_accuracy", "xent", "val_loss", "val_accuracy"}
+    x_val, y_val = _images(BATCH, 3)
+    logits = net(x_val, training=False)
+    assert trainer.evaluate(_batches(1, 3), verbose=0, return_dict=True) == pytest.approx({
+        "loss": float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+            y_val, logits)),
+        "accuracy": float(np.mean(np.argmax(logits, 1) == y_val))}, rel=1e-5)
     assert all(not np.array_equal(a, v.numpy()) for a, v in zip(before, net.variables))
     # The attack's forwards (training=True) updated the moving averages, as Madry's did.
     assert not np.allclose(bn.moving_mean.numpy(), 0.0)
