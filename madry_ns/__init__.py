@@ -1,6 +1,11 @@
 """madry_ns: a TF2/Keras successor to MadryLab's cifar10_challenge.
 
-`import madry_ns` is light (no TensorFlow); `madry_ns.load_model` imports it on first use.
+`import madry_ns` is light (no TensorFlow); `madry_ns.load_model`, `madry_ns.evaluate_model`
+and `madry_ns.AdversarialTrainer` import it on first use.
+
+`AdversarialTrainer(model, config=None, **settings)` trains one of the toolkit's models (or a
+plain Keras classifier) adversarially through Keras' `fit`, with train.py's step; see
+`madry_ns.fit` for a runnable example and how it differs from train.py.
 """
 
 
@@ -31,4 +36,13 @@ def evaluate_model(model, x, y, **kwargs):
     return run(model, x, y, **kwargs)
 
 
-__all__ = ["evaluate_model", "load_model"]
+def __getattr__(name):
+    # AdversarialTrainer is a keras.Model subclass: defined only once TensorFlow is wanted.
+    if name == "AdversarialTrainer":
+        from madry_ns.fit import AdversarialTrainer
+
+        return AdversarialTrainer
+    raise AttributeError(f"module 'madry_ns' has no attribute {name!r}")
+
+
+__all__ = ["AdversarialTrainer", "evaluate_model", "load_model"]
