@@ -24,7 +24,9 @@ MODELS = ("madry_wrn", "resnet20", "resnet18", "wrn34")
 TRAINING_METHODS = ("madry", "trades", "natural")
 LOSS_FUNCS = ("xent", "cw")
 BN_MODES = ("population", "batch_update", "batch_frozen")
-TRAINABLE = ("all", "bn_stats", "bn_affine", "bn", "bn+logits+conv1")
+TRAINABLE = ("all", "bn_stats", "bn_affine", "bn_affine_batch", "bn", "bn+logits+conv1")
+# The regimes that train gamma/beta with the moving statistics frozen.
+FROZEN_STATISTICS = ("bn_affine", "bn_affine_batch")
 # The models' input normalizations (`madry_ns.models`, which explains them) and CIFAR-10's
 # channel constants on the 0-1 scale, as RNA's utils.py and RobustBench use them.
 INPUT_NORMALIZATIONS = ("per_image", "channel", "none")
@@ -281,7 +283,9 @@ class Config:
     # ----- BN-only fine-tuning (Walter, Stutz & Schiele, fragile features; madry_ns.finetune) -----
     trainable: str = _key(
         "all", "What trains: 'all'; 'bn_stats' (BN statistics only, no parameter update); "
-        "'bn_affine' (BN gamma/beta, statistics frozen: population-mode forward); 'bn' (BN "
+        "'bn_affine' (BN gamma/beta, statistics frozen: population-mode forward); "
+        "'bn_affine_batch' (BN gamma/beta through batch statistics, moving statistics frozen: "
+        "batch_frozen forward); 'bn' (BN "
         "gamma/beta and statistics); 'bn+logits+conv1' ('bn' plus the logit layer and the "
         "first convolution)", _one_of(*TRAINABLE))
     init_checkpoint: str | None = _key(
@@ -412,8 +416,8 @@ def _check_consistency(c: "Config", source: str) -> None:
     mode_problem = inference.get(c.inference_bn).check(c)
     if mode_problem:
         problems.append(mode_problem)
-    if c.trainable == "bn_affine" and c.train_attack_bn_mode == "batch_update":
-        problems.append("trainable 'bn_affine' keeps the BN statistics frozen, but "
+    if c.trainable in FROZEN_STATISTICS and c.train_attack_bn_mode == "batch_update":
+        problems.append(f"trainable '{c.trainable}' keeps the BN statistics frozen, but "
                         "train_attack_bn_mode 'batch_update' would update them at every attack "
                         "step; use 'population' (the paper's attack on the eval-mode model) or "
                         "'batch_frozen'")
@@ -429,8 +433,9 @@ def _check_consistency(c: "Config", source: str) -> None:
     if c.reset_bn_stats and not c.init_checkpoint:
         problems.append("reset_bn_stats resets the statistics loaded from init_checkpoint, but "
                         "init_checkpoint is not set (a fresh model starts at 0/1 anyway)")
-    if c.reset_bn_stats and c.trainable == "bn_affine":
-        problems.append("reset_bn_stats with trainable 'bn_affine' would freeze the statistics "
+    if c.reset_bn_stats and c.trainable in FROZEN_STATISTICS:
+        problems.append(f"reset_bn_stats with trainable '{c.trainable}' would freeze the "
+                        "statistics "
                         "at mean 0 / variance 1; reset only where they are re-estimated "
                         "('bn_stats', 'bn', 'bn+logits+conv1', 'all')")
     if problems:

@@ -20,7 +20,7 @@ from madry_ns.errors import ConfigError
 from madry_ns.layers import BatchNorm
 from madry_ns.models import MadryWRN, ResNet20, build_model
 
-REGIMES = ("all", "bn_stats", "bn_affine", "bn", "bn+logits+conv1")
+REGIMES = ("all", "bn_stats", "bn_affine", "bn_affine_batch", "bn", "bn+logits+conv1")
 
 
 def _images(n, seed=0):
@@ -76,6 +76,7 @@ CHANGES = {
     "all": {"affine", "stats", "conv1", "logits", "kernel"},
     "bn_stats": {"stats"},
     "bn_affine": {"affine"},
+    "bn_affine_batch": {"affine"},
     "bn": {"affine", "stats"},
     "bn+logits+conv1": {"affine", "stats", "conv1", "logits"},
 }
@@ -197,6 +198,34 @@ def test_bn_affine_step_descends_the_population_mode_loss(tmp_path):
     for v, g in zip(affine, grads):  # TF1 momentum, first step: w - lr * g; no decay
         np.testing.assert_allclose(after[_key(v)], before[_key(v)] - 0.1 * g.numpy(),
                                    rtol=1e-5, atol=1e-6, err_msg=v.path)
+
+
+def test_bn_affine_batch_step_descends_the_batch_statistics_loss(tmp_path):
+    """BN ONLY PARAMS through batch statistics: the step is gamma/beta's gradient of the
+    loss under each batch's own statistics (not the population one), and the moving
+    statistics do not move."""
+    config = _config(tmp_path, trainable="bn_affine_batch", training_method="natural",
+                     step_size_schedule=[[0, 0.1]])
+    model, _, before, after, _ = _one_step(config)
+    for v in model.weights:
+        v.assign(before[_key(v)])
+    affine = [v for bn in model.bn_layers() for v in (bn.gamma, bn.beta)]
+    grads = {}
+    for mode in ("batch_frozen", "population"):
+        with tf.GradientTape() as tape:
+            logits = model(tf.constant(_images(8)), bn_mode=mode)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.constant(_labels(8)), logits))
+        grads[mode] = tape.gradient(loss, affine)
+    for v, g in zip(affine, grads["batch_frozen"]):
+        np.testing.assert_allclose(after[_key(v)], before[_key(v)] - 0.1 * g.numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=v.path)
+    # The two readings of BN ONLY PARAMS are different updates.
+    assert any(not np.allclose(a.numpy(), b.numpy(), atol=1e-6)
+               for a, b in zip(grads["batch_frozen"], grads["population"]))
+    for bn in model.bn_layers():
+        for v in (bn.moving_mean, bn.moving_variance):
+            np.testing.assert_array_equal(after[_key(v)], before[_key(v)], err_msg=v.path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,6 +369,10 @@ def test_interrupted_fine_tuning_resumes_to_the_uninterrupted_result(tmp_path, r
     (dict(trainable="bn_affine", train_attack_bn_mode="batch_update"), "keeps the BN statistics"),
     (dict(reset_bn_stats=True), "init_checkpoint is not set"),
     (dict(trainable="bn_affine", reset_bn_stats=True, init_checkpoint="x"), "freeze the stat"),
+    (dict(trainable="bn_affine_batch", train_attack_bn_mode="batch_update"),
+     "'bn_affine_batch' keeps the BN statistics"),
+    (dict(trainable="bn_affine_batch", reset_bn_stats=True, init_checkpoint="x"),
+     "freeze the stat"),
     (dict(trainable="bn_params"), "one of 'all', 'bn_stats', 'bn_affine'"),
 ])
 def test_inconsistent_fine_tuning_configs_are_refused(tmp_path, overrides, message):
@@ -476,7 +509,10 @@ def test_shipped_config_sets_cover_every_table_2_row(name):
     assert [row.key for row, _, _ in rows] == [row.key for row in fragile.ROWS]
     normal_dir = rows[0][1].model_dir
     for row, config, _ in rows:
-        assert config.model == "resnet20" and config.train_attack_bn_mode == "population"
+        # The attack runs through the training forward: eval mode, except for the batch-
+        # statistics reading of BN ONLY PARAMS, whose forward is batch_frozen.
+        attack_mode = "batch_frozen" if row.trainable == "bn_affine_batch" else "population"
+        assert config.model == "resnet20" and config.train_attack_bn_mode == attack_mode
         if row.fine_tuned:
             assert config.init_checkpoint == normal_dir
 

@@ -72,6 +72,9 @@ ROWS = (
     Row("bn_stats", "BN STATS (no reset)", 6.44, 99.9, True, "bn_stats", True),
     Row("bn_stats_reset", "BN STATS (reset)", 6.33, 99.6, True, "bn_stats", True, True),
     Row("bn_only_params", "BN ONLY PARAMS", 77.11, 85.3, True, "bn_affine", True),
+    # The paper's one row, read the other way: gamma/beta trained through batch statistics.
+    Row("bn_only_params_batch", "BN ONLY PARAMS (batch statistics)", 77.11, 85.3, True,
+        "bn_affine_batch", True),
     Row("bn_params", "BN PARAMS", 29.67, 70.5, True, "bn", True),
     Row("bn_params_logits_conv1", "BN PARAMS + log + conv1", 26.89, 68.2, True,
         "bn+logits+conv1", True),
