@@ -300,3 +300,9 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     out(table(result, config.model))
     out(f"appended to {output}")
     return record
+
+
+if __name__ == "__main__":  # python -m madry_ns.rna_eval: the command line of madry_ns.rna_cli
+    from madry_ns import rna_cli
+
+    raise SystemExit(rna_cli.main())
