@@ -1,37 +1,16 @@
-"""Madry's released models, as MadryLab/cifar10_challenge's fetch_model.py:
-`python fetch_model.py NAME` with NAME one of natural, adv_trained, secret.
+"""Madry's released models: `python fetch_model.py`, a shell of `python -m madry_ns.fetch_model`.
 
-Downloads NAME.zip from Madry's Dropbox URL into the working directory, prints its SHA-256
-and extracts it (models/naturally_trained, models/adv_trained, ...). Offline, it fails with
-a message at once; `--from_zip PATH` extracts a zip downloaded elsewhere instead.
+Kept where Madry's cifar10_challenge has it, so his commands run
+unchanged. The command, its flags and its help are those of `madry_ns/fetch_model.py`.
 """
 
 import sys
 
-from madry_ns import cli
-from madry_ns.errors import UsageError
-
-USAGE = "python fetch_model.py [natural, adv_trained, secret] [--from_zip PATH]"
-
-
-def fetch_model(args):
-    from madry_ns import fetch
-
-    if args.name is None and args.from_zip is None:
-        raise UsageError("give a model name or --from_zip PATH")
-    fetch.fetch(args.name, from_zip=args.from_zip)
+from madry_ns import fetch_model
 
 
 def main(argv=None) -> int:
-    from madry_ns import fetch
-
-    parser = cli.Parser("python fetch_model.py", __doc__, fetch_model, config=False,
-                        usage=USAGE)
-    parser.add_argument("name", nargs="?", choices=sorted(fetch.URLS),
-                        help="which model (optional with --from_zip)")
-    parser.add_argument("--from_zip", metavar="PATH",
-                        help="extract this zip (obtained elsewhere) instead of downloading")
-    return cli.run(parser, argv)
+    return fetch_model.main(argv, prog="python fetch_model.py")
 
 
 if __name__ == "__main__":

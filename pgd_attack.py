@@ -1,24 +1,16 @@
-"""PGD attack file, as MadryLab/cifar10_challenge's pgd_attack.py: `python pgd_attack.py`.
+"""The PGD attack file: `python pgd_attack.py`, a shell of `python -m madry_ns.pgd_attack`.
 
-Attacks the first num_eval_examples test images with the config's PGD against the latest
-checkpoint in model_dir and saves them to store_adv_path (default attack.npy): float64,
-(num_eval_examples, 32, 32, 3), 0-255, test order. Without a checkpoint it prints
-`No model found` and exits with status 2 (Madry's exited 0).
+Kept where Madry's cifar10_challenge has it, so his commands run
+unchanged. The command, its flags and its help are those of `madry_ns/pgd_attack.py`.
 """
 
 import sys
 
-from madry_ns import cli
-
-
-def write_attack_file(config, args):
-    from madry_ns import challenge
-
-    challenge.write_attack_file(config)
+from madry_ns import pgd_attack
 
 
 def main(argv=None) -> int:
-    return cli.run(cli.Parser("python pgd_attack.py", __doc__, write_attack_file), argv)
+    return pgd_attack.main(argv, prog="python pgd_attack.py")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,17 @@
-"""Attack-file check and scoring, as MadryLab/cifar10_challenge's run_attack.py:
-`python run_attack.py`.
+"""Attack-file check and scoring: `python run_attack.py`, a shell
+of `python -m madry_ns.run_attack`.
 
-Loads store_adv_path and checks it in Madry's order and words (checkpoint, shape, pixel range
-[0, 255], maximum perturbation <= epsilon, tolerance 1e-4), then prints `Accuracy: xx.xx%` of
-the latest checkpoint in model_dir on it and saves the predictions to pred.npy (int64).
-Beyond Madry: NaN/inf, non-numeric and pickled files are refused, and every refusal exits
-with status 2 without writing pred.npy.
+Kept where Madry's cifar10_challenge has it, so his commands run
+unchanged. The command, its flags and its help are those of `madry_ns/run_attack.py`.
 """
 
 import sys
 
-from madry_ns import cli
-
-
-def run_attack(config, args):
-    from madry_ns import challenge
-
-    challenge.run_attack(config)
+from madry_ns import run_attack
 
 
 def main(argv=None) -> int:
-    return cli.run(cli.Parser("python run_attack.py", __doc__, run_attack), argv)
+    return run_attack.main(argv, prog="python run_attack.py")
 
 
 if __name__ == "__main__":

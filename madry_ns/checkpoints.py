@@ -25,7 +25,7 @@ import re
 import tensorflow as tf
 
 from madry_ns import config as config_lib
-from madry_ns import models
+from madry_ns import files, models
 from madry_ns.errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint"
@@ -328,6 +328,18 @@ def resolve(path: str) -> str:
         raise CheckpointError(f"checkpoint '{path}' not found: neither a folder nor a "
                               f"checkpoint prefix (no {path}.index)")
     return path
+
+
+KERAS_MODEL = "model.keras"  # train.py's final model in model_dir, with save_keras
+
+
+def save_keras(model, path: str) -> None:
+    """`model.save(path)` (Keras' `.keras` format) atomically: into a temporary sibling, then
+    renamed over `path`, so a crash never leaves half a file where a model was."""
+    if not str(path).endswith(".keras"):
+        raise CheckpointError(f"a Keras model file must end in .keras, not '{path}'")
+    with files.atomic_path(path) as tmp:
+        model.save(tmp)
 
 
 def load_model(path: str):

@@ -174,10 +174,18 @@ def run(parser: Parser, argv: Sequence[str] | None = None) -> int:
     return 0 if status is None else int(status)
 
 
+# `pip install madry_ns` alone leaves TensorFlow's build to the user (setup.cfg's extras).
+NO_TENSORFLOW = ("TensorFlow is not installed. Install madry_ns with the build for this machine: "
+                 "pip install 'madry_ns[cpu]' (tensorflow-cpu) or 'madry_ns[gpu]' "
+                 "(tensorflow[and-cuda]); in a checkout, pip install -c constraints.txt -e "
+                 "'.[cpu]' (README, Installing)")
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features) kept off the
-    console, so Madry's lines stay readable; the banner is shown if the import fails."""
-    if "tensorflow" in sys.modules:
+    console, so Madry's lines stay readable; the banner is shown if the import fails, and a
+    missing TensorFlow is a `UserError` saying how to install it."""
+    if sys.modules.get("tensorflow") is not None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     saved = os.dup(2)
@@ -185,10 +193,12 @@ def import_tensorflow_quietly() -> None:
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow as tf
-        except BaseException:
+        except BaseException as e:
             os.dup2(saved, 2)
             captured.seek(0)
             sys.stderr.write(captured.read().decode(errors="replace"))
+            if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
+                raise UserError(NO_TENSORFLOW) from None
             raise
         finally:
             os.dup2(saved, 2)

@@ -297,6 +297,9 @@ class Config:
     max_to_keep: int = _key(
         3, "Checkpoints kept in model_dir, the newest (Madry's tf.train.Saver(max_to_keep=3)); "
         "0 keeps every one", _non_negative)
+    save_keras: bool = _key(
+        False, "Also write the final model as model_dir/model.keras (Keras' format: "
+        "madry_ns.load_model, or keras.saving.load_model after import madry_ns, reads it)")
 
     def replace(self, **changes) -> "Config":
         """A copy with some keys changed, validated like a loaded file."""

@@ -35,6 +35,28 @@ def atomic_open(path: str, mode: str = "w"):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """A temporary sibling's name, with `path`'s extension, for a writer that takes a name
+    (Keras' `model.save` wants one ending in `.keras`); on success it is fsynced and
+    renamed over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _permissions(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _permissions(path: str) -> int:
     """The mode a plain `open(path, "w")` would leave: the existing file's, else 0666 less
     the umask (mkstemp's temporary files are 0600, readable by their owner only)."""

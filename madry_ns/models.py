@@ -18,8 +18,8 @@ rna_candidates, rna_sampling, bn_epsilon, bn_momentum, synchronized, weight_deca
 input_normalization, input_mean, input_std; see
 `_Classifier`), `get_config()` returns them all and `cls.from_config(model.get_config())`
 rebuilds the model. Every model and layer class is registered with Keras (package
-"madry_ns"), so after `import madry_ns.models`, `keras.saving.load_model("m.keras")` restores
-a model saved with `model.save("m.keras")`. `first_conv()` and `logit_layer()` name the parts
+"madry_ns"), so after `import madry_ns`, `keras.saving.load_model("m.keras")` restores a
+model saved with `model.save("m.keras")` (README, "Models as Keras files"). `first_conv()` and `logit_layer()` name the parts
 fine-tuning selects (`finetune.trainable_variables`).
 
 `model.tf1_variables()` maps Madry's TF1 variable names (`unit_1_0/sub1/conv1/DW`, ...) onto

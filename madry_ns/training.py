@@ -426,6 +426,7 @@ class TrainingReport:
         self._nat_accuracy_attack = None
         self.writer = tf.summary.create_file_writer(run.config.model_dir) if run.chief \
             else tf.summary.create_noop_writer()
+        write_hparams(self.writer, run.config)
         self.training_time = 0.0
         self.last_report = None
         self._nat_acc = None
@@ -504,8 +505,22 @@ def run_loop(run: TrainingSetup, report: TrainingReport) -> str:
             report.after_step(ii, x, y, metrics)
         report.flush()
         if run.restored and run.start >= config.max_num_training_steps:
-            return run.restored
-        return run.save(config.max_num_training_steps)
+            path = run.restored
+        else:
+            path = run.save(config.max_num_training_steps)
+        save_final_model(run)
+        return path
+
+
+def save_final_model(run: TrainingSetup) -> str | None:
+    """With `save_keras`, the trained model as `model_dir/model.keras` (written by the chief,
+    atomically; after the final checkpoint, so BN statistics are those it holds); its path,
+    else None. `madry_ns.load_model` reads it back."""
+    if not run.config.save_keras or not run.chief:
+        return None
+    path = os.path.join(run.config.model_dir, checkpoints.KERAS_MODEL)
+    checkpoints.save_keras(run.model, path)
+    return path
 
 
 def train(config, out=print) -> str:
@@ -576,6 +591,26 @@ class _StopOnSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# The HParams dashboard's metric columns: the latest value of these scalars in model_dir
+# (train.py's) and model_dir/eval (eval.py's), for each run.
+HPARAMS_METRICS = (("accuracy_adv_train", None), ("xent_adv_train", None), ("loss_total", None),
+                   ("accuracy nat", "eval"), ("accuracy adv eval", "eval"))
+
+
+def write_hparams(writer, config) -> None:
+    """The run's config as TensorBoard hyperparameters (HParams plugin), every key with its
+    value (lists and null as their JSON text, since hparams are numbers, booleans or strings),
+    and `HPARAMS_METRICS` as its metrics; at every start, so a resumed run has them too."""
+    from tensorboard.plugins.hparams import api as hp
+
+    values = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+              for key, value in config.to_dict().items()}
+    with writer.as_default(step=0):
+        hp.hparams_config(hparams=[hp.HParam(key) for key in values],
+                          metrics=[hp.Metric(tag, group=group) for tag, group in HPARAMS_METRICS])
+        hp.hparams(values)
 
 
 def _write_summaries(writer, step, metrics):

@@ -505,3 +505,52 @@ def test_load_model_reads_keras_files(tmp_path):
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
     with pytest.raises(madry_ns.checkpoints.CheckpointError, match="does not exist"):
         madry_ns.load_model(str(tmp_path / "missing.keras"))
+
+
+_LOAD_AFTER_IMPORT_MADRY_NS = """
+import sys
+import numpy as np
+import madry_ns
+assert "tensorflow" not in sys.modules and "madry_ns.models" not in sys.modules, "not light"
+import keras
+model = keras.saving.load_model(sys.argv[1])
+x = np.load(sys.argv[2], allow_pickle=False)
+np.save(sys.argv[3], np.stack([model(x, bn_mode=m).numpy()
+                               for m in ("population", "batch_frozen")]))
+"""
+
+
+def test_keras_load_model_needs_only_import_madry_ns(tmp_path):
+    """A fresh interpreter that imports nothing of the toolkit but the package (which stays
+    free of TensorFlow) restores a toolkit `.keras` file with Keras' own `load_model`."""
+    import os
+    import subprocess
+    import sys
+
+    model = _randomized(models.ResNet20(width=1, norm_layer="rna", input_shape=(8, 8, 3))
+                        .build_for_input())
+    model.save(str(tmp_path / "m.keras"))
+    x = np.random.default_rng(3).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", _LOAD_AFTER_IMPORT_MADRY_NS,
+                             str(tmp_path / "m.keras"), str(tmp_path / "x.npy"),
+                             str(tmp_path / "logits.npy")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logits = np.load(tmp_path / "logits.npy", allow_pickle=False)
+    for got, mode in zip(logits, ("population", "batch_frozen")):
+        np.testing.assert_array_equal(got, model(x, bn_mode=mode).numpy(), err_msg=mode)
+
+
+def test_exported_saved_model_serves_the_population_forward(tmp_path):
+    """`model.export(path)` (Keras' SavedModel export, for TF Serving, TFLite, ...) serves
+    `model(x)`: BN with population statistics (RNA: the model's current path)."""
+    model = _randomized(models.ResNet20(width=1, input_shape=(8, 8, 3)).build_for_input())
+    model.export(str(tmp_path / "exported"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    x = tf.constant(np.random.default_rng(4).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
+    np.testing.assert_allclose(served.serve(x).numpy(),
+                               model(x, bn_mode="population").numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(served.serve(x).numpy(), model(x, bn_mode="batch_frozen").numpy())

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 
 from madry_ns import config as config_lib
 from madry_ns import training
@@ -278,7 +279,7 @@ def runs(tmp_path_factory, madry_pickles):
     root = tmp_path_factory.mktemp("runs")
     data_path = madry_pickles(root, n_train_per_batch=4, n_test=8)["data_path"]
     result = {}
-    config = _run_config(root / "full", data_path)
+    config = _run_config(root / "full", data_path, save_keras=True)
     result["full"] = (config, *_train(config))
 
     first = _run_config(root / "split", data_path, max_num_training_steps=3)
@@ -411,6 +412,47 @@ def test_summaries_use_madrys_tags_and_scaled_images(runs):
             # Scaled to [0, 1] before encoding: a full range of levels survives. Unscaled
             # 0-255 floats would saturate to 255 nearly everywhere.
             assert len(np.unique(pixels)) > 100 and np.mean(pixels == 255) < 0.1
+
+
+def test_the_config_is_written_as_tensorboard_hparams(runs):
+    """The HParams plugin's summaries in model_dir: every config key with its value (lists
+    and null as JSON), and Madry's training scalars and eval.py's accuracies as metrics."""
+    from tensorboard.plugins.hparams import metadata
+
+    config, _, _ = runs["full"]
+    events = _events(config.model_dir)
+    start = metadata.parse_session_start_info_plugin_data(
+        events[metadata.SESSION_START_INFO_TAG][0].metadata.plugin_data.content)
+    written = {key: json_format.MessageToDict(value) for key, value in start.hparams.items()}
+    expected = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                for key, value in config.to_dict().items()}
+    assert written == expected
+    assert (written["epsilon"], written["save_keras"]) == (8.0, True)
+    assert written["step_size_schedule"] == "[[0, 0.1], [2, 0.01]]"
+    experiment = metadata.parse_experiment_plugin_data(
+        events[metadata.EXPERIMENT_TAG][0].metadata.plugin_data.content)
+    assert [h.name for h in experiment.hparam_infos] == list(expected)
+    assert {(m.name.tag, m.name.group) for m in experiment.metric_infos} == {
+        ("accuracy_adv_train", ""), ("xent_adv_train", ""), ("loss_total", ""),
+        ("accuracy nat", "eval"), ("accuracy adv eval", "eval")}
+
+
+def test_save_keras_writes_the_final_model_that_load_model_reads_back(runs):
+    import madry_ns
+    from madry_ns import checkpoints
+    from madry_ns.models import build_model
+
+    config, final, _ = runs["full"]
+    path = os.path.join(config.model_dir, "model.keras")
+    loaded = madry_ns.load_model(path)
+    trained = build_model(config)
+    checkpoints.load_weights(trained, final)
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)), tf.float32)
+    for mode in ("population", "batch_frozen"):
+        np.testing.assert_array_equal(loaded(x, bn_mode=mode).numpy(),
+                                      trained(x, bn_mode=mode).numpy(), err_msg=mode)
+    assert not [f for f in os.listdir(config.model_dir) if f.startswith(".model.keras")]
+    assert not os.path.exists(os.path.join(runs["split"][0].model_dir, "model.keras"))
 
 
 def test_resume_after_the_final_checkpoint_equals_uninterrupted(runs):

@@ -40,9 +40,10 @@ import os
 import time
 
 import numpy as np
-import tensorflow as tf
 
-from madry_ns import attacks, checkpoints, data, evaluation, files, inference, rna, seeds
+# TensorFlow and the modules that import it load when a model is evaluated, so the command
+# line checks its config and flags first (as every command's does).
+from madry_ns import data, files, inference, rna, seeds
 from madry_ns.errors import ConfigError
 
 PAPER = ("Dong, Chen, Wang & Xu, 'Random Normalization Aggregation for Adversarial "
@@ -124,6 +125,9 @@ class _Compiled:
     """The protocols' compiled functions, each traced once per batch shape."""
 
     def __init__(self, model, config, settings: Settings):
+        import tensorflow as tf
+
+        from madry_ns import attacks
         self.deterministic = not rna.has_rna(model)
         forward = inference.path_forward(model, config)
         bn_mode = inference.get(config.inference_bn).bn_mode
@@ -174,6 +178,9 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
 
     `on_batch(index, num_batches)` is called after each batch.
     """
+    import tensorflow as tf
+
+    from madry_ns import attacks, evaluation
     fns = _Compiled(model, config, settings)
     labels = describe(config, settings, fns.deterministic)
     repeats = 1 if fns.deterministic else settings.repeats
@@ -279,6 +286,7 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
                         output: str | None = None, out=print) -> dict:
     """Evaluate checkpoint `path` (default: the latest in model_dir), print the table and
     append the result as one JSON line to `output` (default model_dir/eval/rna_eval.jsonl)."""
+    from madry_ns import checkpoints
     from madry_ns.challenge import load_checkpoint_model
     from madry_ns.progress import Progress
 
