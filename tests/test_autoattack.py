@@ -323,3 +323,21 @@ def test_results_recorded_before_the_autoattack_setting_still_resume(path):
     expected["settings"]["autoattack"] = "standard"
     with pytest.raises(ConfigError, match="autoattack"):
         resume.ResumeState.load(folder, expected)
+
+
+def test_command_line_autoattack_options_are_checked(tmp_path, capsys):
+    from conftest import make_tiny_config
+
+    from madry_ns import evaluate
+
+    cfg = make_tiny_config(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    for flags, message in ((["--autoattack", "bogus"], "--autoattack bogus"),
+                           (["--autoattack", "custom", "--autoattack_attacks", "fab,nope"],
+                            "--autoattack_attacks fab,nope"),
+                           (["--fab_eta", "0.9"], "--fab_eta 0.9")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--config", str(path), *flags, "--output", str(tmp_path / "o")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
