@@ -365,7 +365,7 @@ def test_autoattack_custom_row_runs_survivors_in_pn(shaped_model, digits, config
     settings = evaluate.Settings(**{**FAST, **small}, attacks=("autoattack",), modes=("pn",),
                                  autoattack="custom", autoattack_attacks=("apgd-ce", "fab-t"),
                                  sanity=False)
-    c = config.replace(num_eval_examples=40)
+    c = config.replace(num_eval_examples=20)
     result = evaluate.evaluate(shaped_model, digits, c, settings, out=lambda *_: None)
     (row,) = result["rows"]
     assert row["attack"] == "AutoAttack custom"
