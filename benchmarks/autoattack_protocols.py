@@ -47,7 +47,7 @@ def _model_and_images(n: int):
     return model, images[test], d.target[test].astype(np.int64)
 
 
-def run(quick: bool = False, reps: int = 3, n: int = 64, epsilon: float = 32.0) -> dict:
+def run(quick: bool = False, reps: int = 7, n: int = 64, epsilon: float = 32.0) -> dict:
     import tensorflow as tf
 
     from madry_ns import attacks
@@ -103,6 +103,8 @@ def run(quick: bool = False, reps: int = 3, n: int = 64, epsilon: float = 32.0) 
         / rows["survivors"]["median_s"],
         "legacy_over_survivors": rows["legacy_fixed_batch"]["median_s"]
         / rows["survivors"]["median_s"],
+        # The fastest repetitions, least disturbed by other jobs on a shared machine.
+        "fixed_over_survivors_min": rows["fixed_batch"]["min_s"] / rows["survivors"]["min_s"],
         "same_verdicts_image_by_image": True,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average": os.getloadavg()[0], "tensorflow": tf.__version__,
@@ -123,9 +125,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {row['median_s']:.2f} | {row['min_s']:.2f}-"
                      f"{row['max_s']:.2f} | {row['first_s']:.1f} | "
                      f"{100 * row['robust_accuracy']:.1f}% |")
-    lines += ["", f"Fixed batch / survivors: **{r['fixed_over_survivors']:.2f}x** (the same "
-                  f"verdict on every image); the legacy ensemble (no FAB-T, fixed batch) / "
-                  f"survivors: {r['legacy_over_survivors']:.2f}x.", ""]
+    lines += ["", f"Fixed batch / survivors: **{r['fixed_over_survivors']:.2f}x** of the "
+                  f"medians, {r['fixed_over_survivors_min']:.2f}x of the fastest of "
+                  f"{r['reps']} repetitions (the same verdict on every image); the legacy "
+                  f"ensemble (no FAB-T, fixed batch) / survivors: "
+                  f"{r['legacy_over_survivors']:.2f}x.", ""]
     return "\n".join(lines)
 
 
