@@ -166,7 +166,9 @@ def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho,
                               image_ids=tf.gather(image_ids, idx))
         # Back to full-batch tensors; images outside `idx` are marked robust at -inf loss, so
         # the update below leaves them as they are.
-        full = lambda v, fill: tf.tensor_scatter_nd_update(fill, idx[:, None], v)  # noqa: E731
+        def full(v, fill):
+            return tf.tensor_scatter_nd_update(fill, idx[:, None], v)
+
         return (full(out[0], x), full(out[1], tf.ones_like(y, tf.bool)),
                 full(out[2], tf.fill(tf.shape(y), -float("inf"))), full(out[3], x))
 
