@@ -354,6 +354,35 @@ def test_bad_settings_and_configs_are_clear_errors(config):
 MODES_ALL = evaluate.MODES
 
 
+def test_autoattack_custom_row_runs_survivors_in_pn(shaped_model, digits, config):
+    """`--autoattack custom` (APGD-CE and FAB-T, tiny budget) through the suite: the row is
+    named for its version, its label says the protocol, and its pn cell is exactly the
+    attack run on survivors batch by batch. (The label's protocol per column and the
+    fixed-batch path are tested in test_autoattack.py.)"""
+    from madry_ns import attacks, seeds
+    from madry_ns.evaluate import rows
+
+    small = dict(apgd_steps=3, apgd_targets=1, fab_steps=3, fab_targets=1, square_queries=10)
+    settings = evaluate.Settings(**{**FAST, **small}, attacks=("autoattack",), modes=("pn",),
+                                 autoattack="custom", autoattack_attacks=("apgd-ce", "fab-t"),
+                                 sanity=False)
+    c = config.replace(num_eval_examples=20)
+    result = evaluate.evaluate(shaped_model, digits, c, settings, out=lambda *_: None)
+    (row,) = result["rows"]
+    assert row["attack"] == "AutoAttack custom"
+    assert "FAB-T (3 steps" in row["generation"]
+    assert "on survivors" in row["generation"] and "fixed" not in row["generation"]
+    assert row["accuracy"]["pn"] < result["clean"]["pn"]
+    params = rows.autoattack_params(settings)
+    robust = []
+    for i, (x, y) in enumerate(evaluate.suite.batches(digits, c)):
+        robust.append(attacks.auto_attack(
+            lambda z, draw=None: shaped_model(z, bn_mode="population"), x, y,
+            epsilon=float(c.epsilon), params=params, survivors=True,
+            seed=seeds.row_start(c, "autoattack", i))["robust"].numpy())
+    assert row["accuracy"]["pn"] == pytest.approx(np.concatenate(robust).mean())
+
+
 def test_noise_margin_is_two_standard_errors_plus_one_image():
     assert evaluate.noise_margin(0.5, 100) == pytest.approx(2 * 0.05 + 0.01)
     assert evaluate.noise_margin(0.0, 50) == pytest.approx(0.02)

@@ -11,8 +11,11 @@ Module            Attack (paper; reference code)
 `carlini_wagner`  `carlini_wagner_l2` (Carlini & Wagner 2017; nn_robust_attacks)
 `eot`             `eot_pgd`: PGD over random draws (Athalye et al. 2018; obfuscated-gradients)
 `auto_pgd`        `apgd`, `apgd_targeted`: APGD-CE/-DLR/-T (Croce & Hein 2020; auto-attack)
+`fast_adaptive_boundary`
+                  `fab`: FAB and FAB-T, L-inf (Croce & Hein 2020; auto-attack `fab_base.py`)
 `square_attack`   `square`, L-inf (Andriushchenko et al. 2020; auto-attack `square.py`)
-`autoattack`      `autoattack_style`: the ensemble (Croce & Hein 2020; auto-attack)
+`autoattack`      `auto_attack`: the versions standard/plus/rand/custom; `autoattack_style`:
+                  the earlier ensemble (Croce & Hein 2020; auto-attack)
 
 Calling convention. An attack is a plain function of `(logits_fn, x, y, **params)` or, for
 the two that ascend any loss (`pgd`, `eot_pgd`), of `(loss_fn, x, **params)`; Madry's
@@ -34,25 +37,29 @@ AutoAttack: docs/attacks_choice.md and `madry_ns.attacks.autoattack`.
 """
 
 from madry_ns.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_single_run, apgd_targeted
-from madry_ns.attacks.autoattack import ATTACKS, autoattack_style
+from madry_ns.attacks.autoattack import (ATTACKS, AUTOATTACK_ATTACKS, VERSIONS,
+                                         AutoAttackParams, auto_attack, autoattack_style,
+                                         version_params)
 from madry_ns.attacks.carlini_wagner import carlini_wagner_l2
 from madry_ns.attacks.cleverhans_tf2 import cleverhans_patched, cleverhans_pgd, fgsm, mim
 from madry_ns.attacks.deep_fool import deepfool
 from madry_ns.attacks.eot import eot_pgd
+from madry_ns.attacks.fast_adaptive_boundary import fab, fab_single_run, linf_projection
 from madry_ns.attacks.losses import (LOSSES, cw_loss, dlr_loss, dlr_loss_targeted, get_loss,
                                      xent_loss)
 from madry_ns.attacks.madry_pgd import compile_pgd, config_params, linf_ascent, pgd, pgd_attack
 from madry_ns.attacks.square_attack import SQUARE_P_HALVINGS, square, square_p
 from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_epsilon,
                                     check_linf, check_params, compile_attack, fold_seed,
-                                    int64_labels, linf_box, per_image)
+                                    int64_labels, linf_box, per_image, uniform_per_image)
 
 __all__ = [
-    "APGD_LOSSES", "ATTACKS", "LOSSES", "PIXEL_MAX", "PIXEL_MIN", "SQUARE_P_HALVINGS", "apgd",
-    "apgd_single_run", "apgd_targeted", "autoattack_style", "carlini_wagner_l2",
-    "check_count", "check_epsilon", "check_linf", "check_params", "cleverhans_patched",
-    "cleverhans_pgd", "compile_attack", "compile_pgd", "config_params", "cw_loss", "deepfool",
-    "dlr_loss", "dlr_loss_targeted", "eot_pgd", "fgsm", "fold_seed", "get_loss",
-    "int64_labels", "linf_ascent", "linf_box", "mim", "per_image", "pgd", "pgd_attack",
-    "square", "square_p", "xent_loss",
+    "APGD_LOSSES", "ATTACKS", "AUTOATTACK_ATTACKS", "AutoAttackParams", "LOSSES", "PIXEL_MAX",
+    "PIXEL_MIN", "SQUARE_P_HALVINGS", "VERSIONS", "apgd", "apgd_single_run", "apgd_targeted",
+    "auto_attack", "autoattack_style", "carlini_wagner_l2", "check_count", "check_epsilon",
+    "check_linf", "check_params", "cleverhans_patched", "cleverhans_pgd", "compile_attack",
+    "compile_pgd", "config_params", "cw_loss", "deepfool", "dlr_loss", "dlr_loss_targeted",
+    "eot_pgd", "fab", "fab_single_run", "fgsm", "fold_seed", "get_loss", "int64_labels",
+    "linf_ascent", "linf_box", "linf_projection", "mim", "per_image", "pgd", "pgd_attack",
+    "square", "square_p", "uniform_per_image", "version_params", "xent_loss",
 ]

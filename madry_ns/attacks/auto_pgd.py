@@ -13,20 +13,23 @@ import tensorflow as tf
 
 from madry_ns.attacks.losses import dlr_loss_targeted, get_loss
 from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_linf, fold_seed,
-                                    int64_labels, linf_box, per_image)
+                                    int64_labels, linf_box, per_image, uniform_per_image)
 
 # The losses `apgd(loss=...)` accepts: AutoAttack's APGD-CE and APGD-DLR.
 APGD_LOSSES = ("xent", "dlr")
 
 
 def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: float,
-                    num_steps: int, rho: float, seed, eot_samples: int | None = None):
+                    num_steps: int, rho: float, seed, eot_samples: int | None = None,
+                    image_ids=None):
     """One APGD run (AutoAttack's `attack_single_run`, L-inf) on the full batch;
     `loss_fn(logits, y)` is the per-example loss, `seed` an int64 [2] tensor.
 
     Returns (x_best, robust, loss_best, x_best_adv): the highest-loss iterate, whether the
     image was classified correctly at every iterate, its best loss, and the last iterate
-    at which it was misclassified. With `eot_samples`, see `apgd`.
+    at which it was misclassified. With `eot_samples`, see `apgd`. With `image_ids` ([B]
+    ints), image j's random start is drawn from fold(seed, image_ids[j]), the same in any
+    sub-batch; without, one draw of the batch's shape (the fixed-batch ensemble's).
     """
     x = tf.cast(x, tf.float32)
     lower, upper = linf_box(x, epsilon)
@@ -67,7 +70,10 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
 
     # Start at x + eps * t / max|t| with t ~ U(-1, 1): a random point whose largest
     # coordinate reaches the ball's boundary.
-    t = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0)
+    if image_ids is None:
+        t = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0)
+    else:
+        t = uniform_per_image(seed, image_ids, tf.shape(x)[1:])
     t_max = tf.reduce_max(tf.abs(t), axis=axes, keepdims=True)
     x_adv = tf.clip_by_value(x + epsilon * t / (t_max + 1e-12), PIXEL_MIN, PIXEL_MAX)
     logits, loss, grad = loss_and_grad(x_adv, 0)
@@ -136,15 +142,39 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
 
 
 def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho, seed,
-               eot_samples=None):
+               eot_samples=None, survivors=False, image_ids=None):
     """`num_runs` APGD runs on the full batch; per image the first adversarial point found,
-    else the highest-loss point. `make_loss(run)` gives run `run`'s per-example loss."""
+    else the highest-loss point. `make_loss(run, idx)` gives run `run`'s per-example loss
+    for the images `idx` (None: the whole batch).
+
+    With `survivors`, each run attacks only the images no earlier run broke (the official
+    `perturb`) and the runs stop when none is left; `image_ids` then seed the per-image
+    random starts (default 0..B-1)."""
     x = tf.cast(x, tf.float32)
+    y = int64_labels(y)
+    if survivors and image_ids is None:
+        image_ids = tf.range(tf.cast(tf.shape(x)[0], tf.int64))
+
+    def one_run(run, idx):
+        if idx is None:
+            return apgd_single_run(logits_fn, x, y, make_loss(run, None), epsilon=epsilon,
+                                   num_steps=num_steps, rho=rho, seed=fold_seed(seed, run),
+                                   eot_samples=eot_samples, image_ids=image_ids)
+        out = apgd_single_run(logits_fn, tf.gather(x, idx), tf.gather(y, idx),
+                              make_loss(run, idx), epsilon=epsilon, num_steps=num_steps,
+                              rho=rho, seed=fold_seed(seed, run), eot_samples=eot_samples,
+                              image_ids=tf.gather(image_ids, idx))
+        # Back to full-batch tensors; images outside `idx` are marked robust at -inf loss, so
+        # the update below leaves them as they are.
+        def full(v, fill):
+            return tf.tensor_scatter_nd_update(fill, idx[:, None], v)
+
+        return (full(out[0], x), full(out[1], tf.ones_like(y, tf.bool)),
+                full(out[2], tf.fill(tf.shape(y), -float("inf"))), full(out[3], x))
 
     def body(run, x_out, broken, loss_out):
-        x_best, robust, loss_best, x_best_adv = apgd_single_run(
-            logits_fn, x, y, make_loss(run), epsilon=epsilon, num_steps=num_steps, rho=rho,
-            seed=fold_seed(seed, run), eot_samples=eot_samples)
+        idx = tf.where(tf.logical_not(broken))[:, 0] if survivors else None
+        x_best, robust, loss_best, x_best_adv = one_run(run, idx)
         newly = tf.logical_and(tf.logical_not(robust), tf.logical_not(broken))
         higher = tf.logical_and(tf.logical_not(tf.logical_or(broken, newly)),
                                 loss_best > loss_out)
@@ -153,16 +183,20 @@ def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho,
         return (run + 1, x_out, tf.logical_or(broken, newly),
                 tf.where(higher, loss_best, loss_out))
 
+    def more(run, x_out, broken, loss_out):
+        go = run < num_runs
+        return tf.logical_and(go, tf.reduce_any(tf.logical_not(broken))) if survivors else go
+
     batch = tf.shape(x)[0]
     _, x_out, _, _ = tf.while_loop(
-        lambda run, *_: run < num_runs, body,
+        more, body,
         (tf.constant(0), x, tf.zeros([batch], tf.bool), tf.fill([batch], -float("inf"))))
     return x_out
 
 
 def apgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,
          num_restarts: int = 1, loss: str = "xent", rho: float = 0.75, seed=(0, 0),
-         eot_samples: int | None = None):
+         eot_samples: int | None = None, survivors: bool = False, image_ids=None):
     """APGD (L-inf) on cross-entropy (`loss="xent"`, APGD-CE) or untargeted DLR ("dlr").
 
     Momentum 0.75 (none on the first step), initial step 2 * epsilon, step halving at
@@ -176,23 +210,26 @@ def apgd(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,
     one random draw of the defense (an int64 [2] seed, as `attacks.eot_pgd`), every gradient
     is the mean over K draws, and the logits of the last draw decide the step-size
     bookkeeping and which iterate counts as adversarial.
+
+    `survivors` and `image_ids`: restarts only on the images no earlier restart broke, with
+    per-image random starts (`_apgd_runs`; for per-image models).
     """
     check_linf(epsilon, num_steps)
     loss_fn = get_loss(loss, APGD_LOSSES)
     if eot_samples is not None:
         check_count("eot_samples", eot_samples, 1)
-    return _apgd_runs(logits_fn, x, y, num_restarts, lambda run: loss_fn,
+    return _apgd_runs(logits_fn, x, y, num_restarts, lambda run, idx: loss_fn,
                       epsilon=epsilon, num_steps=num_steps, rho=rho, seed=seed,
-                      eot_samples=eot_samples)
+                      eot_samples=eot_samples, survivors=survivors, image_ids=image_ids)
 
 
 def apgd_targeted(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 100,
                   num_targets: int = 9, num_restarts: int = 1, rho: float = 0.75,
-                  seed=(0, 0)):
+                  seed=(0, 0), survivors: bool = False, image_ids=None):
     """APGD-T: APGD on the targeted DLR loss towards each of the `num_targets` classes
     ranked 2nd, 3rd, ... by the clean logits, `num_restarts` runs per target (AutoAttack
     standard: 9 targets, 1 run each). Returns per image the first adversarial point found
-    over the targets, else the highest-loss point."""
+    over the targets, else the highest-loss point. `survivors`, `image_ids`: as `apgd`."""
     check_linf(epsilon, num_steps)
     x = tf.cast(x, tf.float32)
     logits = logits_fn(x)
@@ -203,9 +240,11 @@ def apgd_targeted(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int =
                          f"{num_classes} classes")
     ranking = tf.argsort(logits, axis=1, direction="DESCENDING")
 
-    def make_loss(run):
+    def make_loss(run, idx):
         target = ranking[:, 1 + run // num_restarts]
+        target = target if idx is None else tf.gather(target, idx)
         return lambda z, labels: dlr_loss_targeted(z, labels, target)
 
     return _apgd_runs(logits_fn, x, y, num_targets * num_restarts, make_loss,
-                      epsilon=epsilon, num_steps=num_steps, rho=rho, seed=seed)
+                      epsilon=epsilon, num_steps=num_steps, rho=rho, seed=seed,
+                      survivors=survivors, image_ids=image_ids)

@@ -8,7 +8,7 @@ from typing import Callable
 import tensorflow as tf
 
 from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_linf, fold_seed, int64_labels,
-                                    linf_box, per_image)
+                                    linf_box, per_image, uniform_per_image)
 
 # Square's p schedule (resc_schedule=False, as AutoAttack's standard version): p is p_init
 # up to iteration 10 and halves after each of these iterations.
@@ -22,7 +22,7 @@ def square_p(i, p_init: float = 0.8):
 
 
 def square(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 5000,
-           p_init: float = 0.8, seed=(0, 0)):
+           p_init: float = 0.8, seed=(0, 0), survivors: bool = False, image_ids=None):
     """Square Attack (Andriushchenko et al. 2020), L-inf, margin loss, score-based.
 
     Uses only the logits, never a gradient. Starts from vertical stripes of ±epsilon
@@ -36,6 +36,11 @@ def square(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 5000,
     Each iteration is one query of the model (one forward of the batch), so `num_steps` is
     the query budget AutoAttack calls `n_queries` (standard version: 5000); the initial
     stripes cost one more forward.
+
+    With `image_ids` ([B] ints) the stripes of image j are drawn from fold(seed, ids[j]) (the
+    windows already are shared draws), so an image's result does not depend on the batch
+    around it for a per-image model; with `survivors`, each query forwards only the images
+    not yet misclassified (the official code; per-image models only).
     """
     check_linf(epsilon, num_steps)
     x = tf.cast(x, tf.float32)
@@ -46,14 +51,19 @@ def square(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 5000,
     height, width, channels = x.shape[1:]
     lower, upper = linf_box(x, epsilon)
 
-    def margin(images):
+    def margin(images, labels=None):
+        labels = y if labels is None else labels
         logits = logits_fn(images)
-        onehot = tf.one_hot(y, tf.shape(logits)[-1]) > 0.5
+        onehot = tf.one_hot(labels, tf.shape(logits)[-1]) > 0.5
         correct = tf.reduce_sum(tf.where(onehot, logits, 0.0), 1)
         return correct - tf.reduce_max(tf.where(onehot, -float("inf"), logits), 1)
 
-    stripes = tf.random.stateless_uniform([tf.shape(x)[0], 1, width, channels],
-                                          seed=fold_seed(seed, 0), minval=-1.0, maxval=1.0)
+    if image_ids is None:
+        stripes = tf.random.stateless_uniform([tf.shape(x)[0], 1, width, channels],
+                                              seed=fold_seed(seed, 0), minval=-1.0,
+                                              maxval=1.0)
+    else:
+        stripes = uniform_per_image(fold_seed(seed, 0), image_ids, [1, width, channels])
     x_best = tf.clip_by_value(x + epsilon * tf.sign(stripes), PIXEL_MIN, PIXEL_MAX)
     margin_min = margin(x_best)
     rows = tf.range(height)[None, :, None, None]
@@ -71,8 +81,12 @@ def square(logits_fn: Callable, x, y, *, epsilon: float, num_steps: int = 5000,
         delta = tf.where(window, 2.0 * epsilon * signs, 0.0)
         x_new = tf.clip_by_value(x_best + delta, lower, upper)
         active = margin_min > 0.0
-        candidate = tf.where(per_image(active, x), x_new, x_best)
-        m = margin(candidate)
+        if survivors:
+            idx = tf.where(active)[:, 0][:, None]
+            m = tf.tensor_scatter_nd_update(
+                margin_min, idx, margin(tf.gather_nd(x_new, idx), tf.gather_nd(y, idx)))
+        else:
+            m = margin(tf.where(per_image(active, x), x_new, x_best))
         improved = tf.logical_and(active, m < margin_min)
         return (i + 1, tf.where(per_image(improved, x), x_new, x_best),
                 tf.where(improved, m, margin_min))

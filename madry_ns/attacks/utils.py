@@ -61,6 +61,16 @@ def fold_seed(seed, data):
     return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), data)
 
 
+def uniform_per_image(seed, image_ids, shape):
+    """U(-1, 1) draws of `shape`, one per image, from fold(seed, id) for each of `image_ids`:
+    an image gets the same draw in any sub-batch (the survivors protocol needs that for an
+    image's result not to depend on which other images are still attacked)."""
+    return tf.map_fn(
+        lambda i: tf.random.stateless_uniform(shape, seed=fold_seed(seed, i), minval=-1.0,
+                                              maxval=1.0),
+        tf.cast(image_ids, tf.int64), fn_output_signature=tf.float32)
+
+
 def compile_attack(attack: Callable, logits_fn: Callable, **params):
     """`fn(x, y, seed) -> attack(logits_fn, x, y, **params)` as one tf.function.
 

@@ -17,8 +17,9 @@ clean accuracy first) and puts the attacks that know the defense in the same tab
 * adaptive rows, generated through each column's own forward: PGD (for BN+Shaping with the
   very reference images the defense uses for that batch: the exact adaptive attack), PGD with
   the attacker's own reference draw (the paper's "slightly weaker" one), EOT-PGD over K
-  reference draws, and an AutoAttack-style ensemble (APGD-CE, APGD-T, Square) on fixed
-  batches.
+  reference draws, and AutoAttack (`--autoattack`: by default the earlier ensemble APGD-CE,
+  APGD-T, Square on fixed batches; `standard`, `plus`, `rand`, `custom` on survivors in
+  per-image columns and on fixed batches elsewhere).
 
 Under each table: the per-image worst case over the attacks within the config's L-inf budget,
 the time each attack took, and sanity checks against gradient masking (accuracy at a huge

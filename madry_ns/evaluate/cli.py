@@ -17,7 +17,7 @@ import sys
 
 from madry_ns import cli
 from madry_ns.evaluate import reports, suite
-from madry_ns.evaluate.rows import ROW
+from madry_ns.evaluate.rows import AUTOATTACK_NAMES, AUTOATTACK_VERSIONS, ROW
 
 PROG = "python -m madry_ns.evaluate"
 
@@ -37,6 +37,9 @@ def common_flags(parser: cli.Parser) -> None:
 def _settings(args) -> suite.Settings:
     return suite.Settings(attacks=args.attacks, modes=args.modes,
                           **{k: getattr(args, k) for k in suite.INT_SETTINGS},
+                          **{k: getattr(args, k) for k in suite.FLOAT_SETTINGS},
+                          autoattack=args.autoattack,
+                          autoattack_attacks=args.autoattack_attacks,
                           sanity=not args.no_sanity)
 
 
@@ -72,6 +75,17 @@ def _suite_parser(command: str) -> cli.Parser:
                              "the earlier bn, pn still work)")
     for name in suite.INT_SETTINGS:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    for name in suite.FLOAT_SETTINGS:
+        parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--autoattack", default=defaults.autoattack,
+                        help=f"the autoattack row's version among "
+                             f"{','.join(AUTOATTACK_VERSIONS)} (default {defaults.autoattack}: "
+                             f"the APGD-CE + APGD-T + Square ensemble the recorded results "
+                             f"used; standard: the official one, with FAB-T)")
+    parser.add_argument("--autoattack_attacks", type=cli.comma_list,
+                        default=defaults.autoattack_attacks,
+                        help=f"--autoattack custom's attacks, in order, among "
+                             f"{','.join(AUTOATTACK_NAMES)}")
     parser.add_argument("--no_sanity", action="store_true",
                         help="skip the gradient-masking checks")
     parser.add_argument("--resume", action="store_true",

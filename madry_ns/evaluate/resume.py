@@ -62,6 +62,18 @@ def migrate(saved: dict, arrays: dict) -> tuple:
     return saved, renamed
 
 
+def _setting_defaults() -> dict:
+    """The suite's settings at their defaults, as results.json writes them: a results.json
+    written before a setting existed lacks it and was made with its default (each new
+    setting's default is chosen to be what the suite did before it existed)."""
+    import dataclasses
+
+    from madry_ns.evaluate.suite import Settings
+
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Settings)
+                                  if f.default is not dataclasses.MISSING}))
+
+
 def read_suite(output_dir: str, who: str) -> tuple | None:
     """(results.json, per_image.npz arrays, path of results.json) of a suite's output folder,
     or None when it has no results.json; unreadable or missing per-image files are a
@@ -129,10 +141,11 @@ class ResumeState:
             if saved.get(key) != expected[key]:
                 raise ConfigError(f"--resume: {path} has {key} {saved.get(key)!r}, this run "
                                   f"{expected[key]!r}; use another --output or drop --resume")
+        made_with = {**_setting_defaults(), **saved.get("settings", {})}
         for key, value in expected["settings"].items():
-            if key not in _RESUME_IGNORED and saved.get("settings", {}).get(key) != value:
+            if key not in _RESUME_IGNORED and made_with.get(key) != value:
                 raise ConfigError(f"--resume: {path} was made with {key} "
-                                  f"{saved.get('settings', {}).get(key)!r}, this run "
+                                  f"{made_with.get(key)!r}, this run "
                                   f"{value!r}; use another --output or drop --resume")
         return cls(saved, arrays, path)
 

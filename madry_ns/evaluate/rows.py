@@ -20,6 +20,12 @@ from typing import Callable
 
 from madry_ns import seeds
 
+# The autoattack row's versions (`--autoattack`): 'legacy' is the suite's earlier ensemble
+# (attacks.autoattack_style), the others AutoAttack's (attacks.VERSIONS) and 'custom'; and the
+# attacks `--autoattack_attacks` may list (attacks.AUTOATTACK_ATTACKS, without importing TF).
+AUTOATTACK_VERSIONS = ("legacy", "standard", "plus", "rand", "custom")
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
 # The suite's columns in the paper's table order (BN, PN, BN+Shaping), keyed by the config's
 # own `inference_bn` values; the earlier 'bn' and 'pn' are accepted as aliases
 # (`madry_ns.inference.ALIASES`). Then any other registered mode under its own key.
@@ -55,11 +61,16 @@ class Row:
     epsilon: Callable = lambda config, settings: config.epsilon  # L-inf budget (linf rows)
     judged_by_attack: bool = False  # fn returns (x_adv, robust per image)
     needs_toolkit_bn: bool = False  # calls the model with bn_mode=... itself
+    names: Callable | None = None  # (config, settings) -> table name, when it depends on them
 
     def __post_init__(self):  # rows written with the earlier column names mean the same
         object.__setattr__(self, "generation", canonical_modes([self.generation])[0])
         if self.modes is not None:
             object.__setattr__(self, "modes", canonical_modes(self.modes))
+
+    def title(self, config, settings) -> str:
+        """The row's table name under these settings."""
+        return self.name if self.names is None else self.names(config, settings)
 
     def budget(self, config, settings) -> float | None:
         """The row's L-inf budget on the 0-255 scale (None for unbounded L2 attacks)."""
@@ -178,9 +189,45 @@ def _make_eot(suite, mode):
     return attack
 
 
+def survivors_protocol(mode: str) -> bool:
+    """Whether AutoAttack runs on survivors in column `mode`: only where an image's logits
+    depend on that image alone (no batch statistics, no random draws)."""
+    from madry_ns import inference
+
+    m = inference.get(mode)
+    return m.per_image and not m.draws
+
+
+def autoattack_params(settings):
+    """The `attacks.AutoAttackParams` of `settings.autoattack` (not 'legacy')."""
+    from madry_ns import attacks
+
+    s = settings
+    if s.autoattack != "custom":
+        return attacks.version_params(s.autoattack)
+    return attacks.AutoAttackParams(
+        attacks=tuple(s.autoattack_attacks), apgd_steps=s.apgd_steps,
+        apgd_restarts=s.apgd_restarts, apgd_targets=s.apgd_targets, rho=s.apgd_rho,
+        apgd_eot_samples=s.apgd_eot_samples, fab_steps=s.fab_steps,
+        fab_restarts=s.fab_restarts, fab_targets=s.fab_targets, alpha_max=s.fab_alpha_max,
+        eta=s.fab_eta, beta=s.fab_beta, square_queries=s.square_queries,
+        p_init=s.square_p_init)
+
+
 def _make_autoattack(suite, mode):
     c, s = suite.config, suite.settings
     fwd = suite.forward(mode)
+    if s.autoattack != "legacy":
+        params = autoattack_params(s)
+        survivors = survivors_protocol(mode)
+
+        def run(x, y, i):
+            result = suite.attacks.auto_attack(
+                lambda z, draw=None: fwd(z, i, draw), x, y, epsilon=float(c.epsilon),
+                params=params, survivors=survivors, classify_fn=lambda z: fwd(z, i),
+                seed=seeds.row_start(c, "autoattack", i))
+            return result["x_adv"], result["robust"]
+        return run
 
     def attack(x, y, i):
         result = suite.attacks.autoattack_style(
@@ -238,11 +285,46 @@ register(Row(
     "eot", "EOT-PGD over reference draws", "own", _make_eot, stream="eot", modes=("shaped",),
     label=lambda c, s: f"EOT-{pgd_text(c)} through BN+Shaping, each gradient averaged over "
                        f"{s.eot_samples} reference draws"))
+def _plural(n, word):
+    return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('s') else 's')}"
+
+
+def _autoattack_parts(p) -> str:
+    """Each attack of an `AutoAttackParams` with its parameters, in order."""
+    apgd = f"{p.apgd_steps} steps, rho {p.rho:g}"
+    fab = f"{p.fab_steps} steps, alpha_max {p.alpha_max:g}, eta {p.eta:g}, beta {p.beta:g}"
+    eot = f", EOT over {p.apgd_eot_samples} draws" if p.apgd_eot_samples > 1 else ""
+    untargeted = f"{apgd}, {_plural(p.apgd_restarts, 'restart')}{eot}"
+    text = {
+        "apgd-ce": f"APGD-CE ({untargeted})", "apgd-dlr": f"APGD-DLR ({untargeted})",
+        "apgd-t": f"APGD-T ({apgd}, {_plural(p.apgd_targets, 'target class')})",
+        "fab": f"FAB ({fab}, {_plural(p.fab_restarts, 'restart')})",
+        "fab-t": f"FAB-T ({fab}, {_plural(p.fab_targets, 'target class')})",
+        "square": f"Square ({p.square_queries} queries, p_init {p.p_init:g})"}
+    return ", ".join(text[a] for a in p.attacks)
+
+
+def _autoattack_label(c, s) -> str:
+    if s.autoattack == "legacy":
+        return (f"APGD-CE and APGD-T ({s.apgd_steps} steps each; {s.apgd_targets} "
+                f"target class{'es' if s.apgd_targets > 1 else ''}), Square "
+                f"({s.square_queries} queries), eps {c.epsilon:g}, through the "
+                f"column's own forward on fixed batches (per image worst case; no "
+                f"FAB-T)")
+    survivors = [m for m in s.modes if survivors_protocol(m)]
+    fixed = [m for m in s.modes if m not in survivors]
+    protocol = "; ".join(
+        part for part in (
+            f"on survivors (each attack only on the images every earlier one failed on) in "
+            f"{', '.join(survivors)}" if survivors else "",
+            f"on fixed batches (every attack on the full clean batch, per image worst case) "
+            f"in {', '.join(fixed)}" if fixed else "") if part)
+    return (f"AutoAttack {s.autoattack}: {_autoattack_parts(autoattack_params(s))}, eps "
+            f"{c.epsilon:g}, through the column's own forward; {protocol}")
+
+
 register(Row(
     "autoattack", "AutoAttack-style (APGD-CE, APGD-T, Square)", "own", _make_autoattack,
-    stream="autoattack", judged_by_attack=True,
-    label=lambda c, s: f"APGD-CE and APGD-T ({s.apgd_steps} steps each; {s.apgd_targets} "
-                       f"target class{'es' if s.apgd_targets > 1 else ''}), Square "
-                       f"({s.square_queries} queries), eps {c.epsilon:g}, through the "
-                       f"column's own forward on fixed batches (per image worst case; no "
-                       f"FAB-T)"))
+    stream="autoattack", judged_by_attack=True, label=_autoattack_label,
+    names=lambda c, s: ("AutoAttack-style (APGD-CE, APGD-T, Square)"
+                        if s.autoattack == "legacy" else f"AutoAttack {s.autoattack}")))

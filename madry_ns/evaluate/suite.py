@@ -25,7 +25,11 @@ from madry_ns.evaluate.rows import COLUMNS, ROW
 MODES = COLUMNS
 INT_SETTINGS = ("eot_samples", "cw_steps", "cw_search_steps", "deepfool_iters", "apgd_steps",
                  "apgd_targets", "square_queries", "shaping_groups", "sanity_step_factor",
-                 "sanity_restarts")
+                 "sanity_restarts", "apgd_restarts", "apgd_eot_samples", "fab_steps",
+                 "fab_restarts", "fab_targets")
+# AutoAttack's real-valued parameters (used by --autoattack custom); all but fab_eta (an
+# overshoot, >= 1) are fractions in (0, 1].
+FLOAT_SETTINGS = ("apgd_rho", "fab_alpha_max", "fab_eta", "fab_beta", "square_p_init")
 # How the suite seeds a shaped column's references, in its column label.
 _SHAPED_SEEDING = "the defense's references for batch i drawn from seed (inference_seed, i)"
 
@@ -49,6 +53,21 @@ class Settings:
     apgd_steps: int = 100
     apgd_targets: int = 9
     square_queries: int = 5000
+    # The autoattack row's version (rows.AUTOATTACK_VERSIONS): 'legacy' is the ensemble the
+    # recorded results were made with; 'custom' runs `autoattack_attacks` with the settings
+    # apgd_* / fab_* / square_* (defaults: the official standard version's values).
+    autoattack: str = "legacy"
+    autoattack_attacks: tuple = ("apgd-ce", "apgd-t", "fab-t", "square")
+    apgd_restarts: int = 1
+    apgd_rho: float = 0.75
+    apgd_eot_samples: int = 1
+    fab_steps: int = 100
+    fab_restarts: int = 1
+    fab_targets: int = 9
+    fab_alpha_max: float = 0.1
+    fab_eta: float = 1.05
+    fab_beta: float = 0.9
+    square_p_init: float = 0.8
     sanity: bool = True
     sanity_step_factor: int = 5
     sanity_restarts: int = 3
@@ -65,6 +84,20 @@ class Settings:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ConfigError(f"--{name} {value}: expected a positive integer")
+        for name in FLOAT_SETTINGS:
+            value = getattr(self, name)
+            ok, expected = ((value >= 1, "a number >= 1") if name == "fab_eta"
+                            else (0 < value <= 1, "a number in (0, 1]"))
+            if not ok:
+                raise ConfigError(f"--{name} {value}: expected {expected}")
+        if self.autoattack not in rows_lib.AUTOATTACK_VERSIONS:
+            raise ConfigError(f"--autoattack {self.autoattack}: expected one of "
+                              f"{', '.join(rows_lib.AUTOATTACK_VERSIONS)}")
+        names = self.autoattack_attacks
+        if (not names or len(set(names)) != len(names)
+                or any(a not in rows_lib.AUTOATTACK_NAMES for a in names)):
+            raise ConfigError(f"--autoattack_attacks {','.join(names)}: expected distinct "
+                              f"names among {', '.join(rows_lib.AUTOATTACK_NAMES)}")
         if self.shaping_groups < 2:
             raise ConfigError(f"--shaping_groups {self.shaping_groups}: the shaping attack "
                               f"needs at least 2 groups (clean company for each attacked one)")
@@ -302,7 +335,8 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
                 cells[m] = float(correct[(key, m)].mean())
         bar.close()
         seconds = time.perf_counter() - start
-        done.append({"key": key, "attack": row.name, "generation": row.label(config, settings),
+        done.append({"key": key, "attack": row.title(config, settings),
+                     "generation": row.label(config, settings),
                      "threat_model": row.norm, "epsilon": row.budget(config, settings),
                      "accuracy": cells, "perturbation": distances[0] if len(distances) == 1
                      else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
