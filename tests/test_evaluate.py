@@ -372,7 +372,7 @@ def test_autoattack_custom_row_runs_survivors_in_pn(shaped_model, digits, config
     assert row["attack"] == "AutoAttack custom"
     assert "FAB-T (3 steps" in row["generation"]
     assert "on survivors" in row["generation"] and "fixed" not in row["generation"]
-    assert row["accuracy"]["pn"] < result["clean"]["pn"]
+    assert row["accuracy"]["population"] < result["clean"]["population"]
     params = rows.autoattack_params(settings)
     robust = []
     for i, (x, y) in enumerate(evaluate.suite.batches(digits, c)):
@@ -380,7 +380,7 @@ def test_autoattack_custom_row_runs_survivors_in_pn(shaped_model, digits, config
             lambda z, draw=None: shaped_model(z, bn_mode="population"), x, y,
             epsilon=float(c.epsilon), params=params, survivors=True,
             seed=seeds.row_start(c, "autoattack", i))["robust"].numpy())
-    assert row["accuracy"]["pn"] == pytest.approx(np.concatenate(robust).mean())
+    assert row["accuracy"]["population"] == pytest.approx(np.concatenate(robust).mean())
 
 
 def test_noise_margin_is_two_standard_errors_plus_one_image():

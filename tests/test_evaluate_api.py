@@ -146,3 +146,23 @@ def test_a_robustbench_record_has_the_published_fields_and_the_suites_numbers(tm
                                                       str(out)]
     assert suite_cli.main(["robustbench", STORED] + args) == 0
     assert json.loads(out.read_text()) == info
+
+
+def test_the_table_goes_to_tensorboard_as_text_and_scalars(result, tmp_path):
+    import glob
+
+    result.to_tensorboard(str(tmp_path), step=7)
+    events = {}
+    for path in glob.glob(str(tmp_path / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                events[value.tag] = (event.step, value)
+    expected = {f"suite/{row}/population" for row in ("clean", "fgsm", "adaptive",
+                                                      "worst_case")}
+    assert expected | {"suite/table"} == set(events)
+    step, value = events["suite/fgsm/population"]
+    assert step == 7
+    assert float(tf.make_ndarray(value.tensor)) == pytest.approx(
+        result.accuracy["fgsm"]["population"])
+    text = tf.make_ndarray(events["suite/table"][1].tensor).item().decode()
+    assert text == result.markdown()

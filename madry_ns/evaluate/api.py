@@ -107,6 +107,22 @@ class Result:
         reports.write_results(self.results, folder, self.per_image)
         return folder
 
+    def to_tensorboard(self, log_dir: str, step: int = 0) -> str:
+        """Write the table to TensorBoard in `log_dir`: results.md as the text `suite/table`,
+        every accuracy as the scalar `suite/<row>/<column>` ('clean' and 'worst_case' among
+        the rows), at `step` (the checkpoint's); returns `log_dir`."""
+        import tensorflow as tf
+
+        writer = tf.summary.create_file_writer(log_dir)
+        with writer.as_default():
+            tf.summary.text("suite/table", self.markdown(), step=step)
+            rows = {**self.accuracy, "worst_case": self.worst_case}
+            for row, cells in rows.items():
+                for column, value in cells.items():
+                    tf.summary.scalar(f"suite/{row}/{column}", value, step=step)
+        writer.close()
+        return log_dir
+
     @classmethod
     def load(cls, folder: str) -> "Result":
         """The result a suite wrote to `folder` (by `save` or the command line)."""

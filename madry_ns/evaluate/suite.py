@@ -498,6 +498,8 @@ def run(config, settings: Settings, checkpoint: str | None = None,
                                                              arrays),
         **dataclasses.asdict(settings))
     result = {**header, **found.results}
+    # TensorBoard beside the model's training curves: model_dir/eval/suite, at its step.
+    found.to_tensorboard(os.path.join(config.model_dir, "eval", "suite"), step or 0)
     out(reports.markdown(result))
     out(f"wrote {output}/results.md and results.json")
     return result
