@@ -31,6 +31,20 @@ def test_readme_configuration_table_matches_the_config_fields():
     assert config.readme_table() in _readme()
 
 
+def test_readme_datasets_table_lists_every_registered_dataset_with_its_shape():
+    from madry_ns import data
+
+    section = _readme().split("\n## Datasets\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `")][1:]  # not the header
+    names = [row[0].strip("`") for row in rows]
+    assert names == list(data.REGISTRY) + [data.TFDS_PREFIX + "<name>"]
+    for row in rows[:-1]:
+        spec = data.REGISTRY[row[0].strip("`")]
+        assert row[1] == "x".join(map(str, spec.image_shape)), row[0]
+        assert row[2] == str(spec.num_classes), row[0]
+
+
 def test_root_config_is_madry_plus_every_default():
     loaded = config.load(os.path.join(ROOT, "config.json"))
     assert loaded == config.from_dict({})
