@@ -45,6 +45,7 @@ def result(plain):
 def test_a_plain_model_gets_its_population_column_and_the_asked_rows(result, plain):
     model, x, y = plain
     assert list(result.columns) == ["population"]
+    assert result.results["model"] == model.name  # not the default config's architecture
     assert list(result.accuracy) == ["clean", "fgsm", "adaptive"]
     direct = np.argmax(model(x, training=False).numpy(), 1) == y  # independent forward
     np.testing.assert_array_equal(result.robust("clean", "population"), direct)

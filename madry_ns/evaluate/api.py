@@ -314,6 +314,8 @@ def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: fl
             on_row(partial, arrays)
 
     results = run_suite(seen, dataset, c, settings, out=say, previous=previous, on_row=hook)
+    if config is None:  # the config's `model` key is a default here, not this model
+        results["model"] = getattr(model, "name", None) or type(model).__name__
     if scale != 1.0:  # say how the caller's scale maps to the labels' 0-255 numbers
         results["inputs"] = {"pixel_scale": float(pixel_scale), "epsilon": c.epsilon / scale,
                              "step_size": c.step_size / scale,
