@@ -505,13 +505,18 @@ def train_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, orde
             .prefetch(tf.data.AUTOTUNE))
 
 
+def check_num_examples(num_examples: int, available: int) -> None:
+    """A DataError when the first `num_examples` test images are more than there are."""
+    if num_examples > available:
+        raise DataError(f"num_eval_examples {num_examples} exceeds the {available} test "
+                        f"images")
+
+
 def eval_batches(images: np.ndarray, labels: np.ndarray, num_examples: int,
                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The first `num_examples` images in file order, unaugmented, in Madry's batches (the
     last one may be smaller)."""
-    if num_examples > len(images):
-        raise DataError(f"num_eval_examples {num_examples} exceeds the {len(images)} test "
-                        f"images")
+    check_num_examples(num_examples, len(images))
     for start in range(0, num_examples, batch_size):
         end = min(start + batch_size, num_examples)
         yield images[start:end].astype(np.float32), labels[start:end]

@@ -226,7 +226,7 @@ def forward(model, config, dataset, key: str | None = None) -> Forward:
 
     mode = get(key or config.inference_bn)
     check(config, mode.key)
-    if mode.needs_toolkit_bn and not _has_bn_modes(model):
+    if mode.needs_toolkit_bn and not has_toolkit_bn(model):
         raise ConfigError(f"inference mode {mode.key!r} needs the toolkit's BN layers "
                           f"(madry_ns.layers.BatchNorm, called with bn_mode=...); this model "
                           f"has none: use 'population'")
@@ -257,7 +257,8 @@ def path_forward(model, config, key: str | None = None):
     return rna.forward_on_path(model, mode.bn_mode)
 
 
-def _has_bn_modes(model) -> bool:
+def has_toolkit_bn(model) -> bool:
+    """Whether `model` has the toolkit's BN layers (so it takes `bn_mode=...`)."""
     from madry_ns.layers import BatchNorm, RandomNorm
 
     return any(isinstance(layer, (BatchNorm, RandomNorm))

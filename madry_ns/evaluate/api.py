@@ -190,13 +190,6 @@ def _on_255(images, scale: float) -> np.ndarray:
     return images.astype(np.float32) * np.float32(scale)
 
 
-def _toolkit_bn(model) -> bool:
-    from madry_ns.layers import BatchNorm, RandomNorm
-
-    return any(isinstance(layer, (BatchNorm, RandomNorm))
-               for layer in getattr(model, "_flatten_layers", lambda: [])())
-
-
 def _config(config, *, epsilon, scale, num_steps, step_size, loss, random_start, batch_size,
             seed, num_examples, shaping_ratio):
     """The suite's config: the caller's own, or Madry's defaults with this call's PGD."""
@@ -266,7 +259,7 @@ def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: fl
     `out` receives the progress lines (default: print; `out=False` for silence);
     `previous` and `on_row` are `run_suite`'s resume state and per-row callback.
     """
-    from madry_ns import data
+    from madry_ns import data, inference
 
     x = np.asarray(x)
     y = np.asarray(y).astype(np.int64).reshape(-1)
@@ -277,7 +270,7 @@ def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: fl
         raise ConfigError(f"evaluate_model: pixel_scale {pixel_scale}: expected the images' "
                           f"maximum value (255.0 or 1.0)")
     scale = 255.0 / float(pixel_scale)
-    toolkit_bn = _toolkit_bn(model)
+    toolkit_bn = inference.has_toolkit_bn(model)
     modes = canonical_modes(modes) if modes is not None else _default_modes(toolkit_bn,
                                                                             references)
     c = _config(config, epsilon=epsilon, scale=scale, num_steps=num_steps,

@@ -488,9 +488,7 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     from madry_ns.evaluate.api import evaluate_model
 
     n = config.num_eval_examples
-    if n > len(dataset.test_images):
-        raise data.DataError(f"num_eval_examples {n} exceeds the {len(dataset.test_images)} "
-                             f"test images")
+    data.check_num_examples(n, len(dataset.test_images))  # slicing would truncate silently
     found = evaluate_model(
         model, dataset.test_images[:n], dataset.test_labels[:n], config=config,
         references=dataset.train_images, source=dataset.source, out=out, previous=previous,
