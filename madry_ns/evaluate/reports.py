@@ -133,8 +133,10 @@ def ablation_markdown(result: dict, command: str = "") -> str:
     ratios = result["ratios"]
     lines = ["# Ablation: training ratio x inference ratio (paper Table IV layout)", ""]
     if command:
+        attacked = result.get("attack_examples")
+        attacks = (f" (the attacks on the first {attacked})" if attacked is not None else "")
         lines += [f"Made by `{command}`: first {result['num_examples']} test images of "
-                  f"{result['dataset']}, eval batch {result['eval_batch_size']}, PGD-"
+                  f"{result['dataset']}{attacks}, eval batch {result['eval_batch_size']}, PGD-"
                   f"{result['num_steps']} eps {result['epsilon']:g} step "
                   f"{result['step_size']:g}.", ""]
     for kind, title in _GRID_TITLES.items():
