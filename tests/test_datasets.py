@@ -466,3 +466,25 @@ def test_attack_file_shape_follows_the_dataset():
         attack_file.check_array(x, 3)  # CIFAR-10's shape by default, Madry's words
     assert str(info.value) == "Invalid shape: expected (3, 32, 32, 3), found (3, 28, 28, 1)"
     assert attack_file.expected_shape(10000) == (10000, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_a_fashion_mnist_config_trains_from_the_keras_cache_alone(tmp_path, monkeypatch):
+    """configs/fashion_mnist/madry_pgd.json (shortened) trains on a machine with neither
+    data_path nor Debian's package, only keras.datasets' cache folder: tiny IDX files there."""
+    from madry_ns import checkpoints, training
+
+    cache = tmp_path / "home" / ".keras" / "datasets" / "fashion-mnist"
+    write_idx_folder(cache, n_train=16, n_test=8, gz=(True,) * 4)
+    monkeypatch.setattr(idx, "LOCATIONS", {**idx.LOCATIONS, "fashion_mnist": (
+        str(tmp_path / "no-debian-package"), "~/.keras/datasets/fashion-mnist")})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "fashion_mnist",
+                        "madry_pgd.json")
+    config = config_lib.load(path).replace(
+        model_dir=str(tmp_path / "model"), data_path=str(tmp_path / "no-data-path"),
+        training_batch_size=8, max_num_training_steps=1, num_steps=1, num_eval_examples=8,
+        eval_batch_size=8)
+    assert (config.dataset, config.model, config.epsilon) == ("fashion_mnist", "resnet20", 25.5)
+    final = training.train(config, out=lambda *_: None)
+    assert checkpoints.checkpoint_step(final) == 1
