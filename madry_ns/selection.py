@@ -208,7 +208,8 @@ class Selector:
             raise ConfigError(f"{self.path} cannot be read ({e}); move it away to start the "
                               f"selection over") from None
         for key, value in self.settings.items():
-            if record.get(key) != value:
+            # The data's description names its folder, which may move between runs.
+            if key != "dataset" and record.get(key) != value:
                 raise ConfigError(
                     f"{self.path} was made with {key} {json.dumps(record.get(key))[:200]}, "
                     f"this run's is {json.dumps(value)[:200]}: its measurements would not "
