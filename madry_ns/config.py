@@ -27,6 +27,8 @@ BN_MODES = ("population", "batch_update", "batch_frozen")
 TRAINABLE = ("all", "bn_stats", "bn_affine", "bn_affine_batch", "bn", "bn+logits+conv1")
 # The regimes that train gamma/beta with the moving statistics frozen.
 FROZEN_STATISTICS = ("bn_affine", "bn_affine_batch")
+# Best-checkpoint selection (`madry_ns.selection`).
+SELECT_BEST = ("none", "heldout", "test")
 # The models' input normalizations (`madry_ns.models`, which explains them) and CIFAR-10's
 # channel constants on the 0-1 scale, as RNA's utils.py and RobustBench use them.
 INPUT_NORMALIZATIONS = ("per_image", "channel", "none")
@@ -297,6 +299,20 @@ class Config:
     max_to_keep: int = _key(
         3, "Checkpoints kept in model_dir, the newest (Madry's tf.train.Saver(max_to_keep=3)); "
         "0 keeps every one", _non_negative)
+    select_best: str = _key(
+        "none", "Best-checkpoint selection, by PGD at every checkpoint, kept as "
+        "model_dir/best/checkpoint-<step> with best/selection.json: 'none'; 'heldout' "
+        "(select_examples training images, drawn from the seed stream 'select_heldout', are "
+        "held out of training and measured: the training set is that much smaller); 'test' "
+        "(the released RNA code's choice: the first select_examples TEST images, optimistic, "
+        "labelled so). Ties keep the earlier step", _one_of(*SELECT_BEST))
+    select_examples: int = _key(
+        1000, "With select_best: how many images the selection measures (held-out training "
+        "images, or the first test images)", _positive)
+    select_num_steps: int = _key(
+        20, "With select_best: PGD steps of the selection attack (the released RNA code's "
+        "PGD-20); epsilon, step_size, loss_func, random_start and the inference settings are "
+        "the config's, as eval.py uses them", _positive)
     save_keras: bool = _key(
         False, "Also write the final model as model_dir/model.keras (Keras' format: "
         "madry_ns.load_model, or keras.saving.load_model after import madry_ns, reads it)")
@@ -441,6 +457,16 @@ def _check_consistency(c: "Config", source: str) -> None:
                         "statistics "
                         "at mean 0 / variance 1; reset only where they are re-estimated "
                         "('bn_stats', 'bn', 'bn+logits+conv1', 'all')")
+    if c.select_best == "none":
+        for key in ("select_examples", "select_num_steps"):
+            if getattr(c, key) != default_value(key):
+                problems.append(f"{key} {getattr(c, key)} is used only with select_best "
+                                f"'heldout' or 'test', not 'none'")
+    elif c.distribution == "multi_worker":
+        problems.append(f"select_best '{c.select_best}' is not supported with distribution "
+                        f"'multi_worker' (the selection evaluates on one process); use "
+                        f"'none' or 'mirrored', or select_best 'none' and evaluate the "
+                        f"checkpoints afterwards (max_to_keep 0 keeps every one)")
     if problems:
         raise ConfigError(f"{source}: inconsistent configuration:\n  - " + "\n  - ".join(problems))
 

@@ -57,6 +57,10 @@ Where this differs from train.py:
   which train.py never saves) or skips the batch with a warning ("skip": statistics put back
   too, the step counted); nothing is written to `nonfinite.jsonl`;
 * `init_checkpoint` (with `reset_bn_stats`) is loaded when the trainer is built;
+* best-checkpoint selection (`select_best` other than "none") is refused with a
+  `ConfigError`: it measures train.py's checkpoints, which fit does not write, and its
+  held-out images would have to leave a training stream the caller builds; train with
+  train.py, or evaluate saved models afterwards;
 * the run's hyperparameters reach TensorBoard's hparams plugin through the `HParams`
   callback (every config key, as the step reads it);
 * `trainer.save(path)` saves the classifier (what `keras.saving.load_model` reads back), so
@@ -279,6 +283,11 @@ class AdversarialTrainer(keras.Model):
                             "first (madry_ns.models.build_model does; a Keras model: start it "
                             "with keras.Input(shape) or call it on a batch)")
         config = resolve_config(config, **settings)
+        if config.select_best != "none":
+            raise ConfigError(f"key 'select_best' has value {config.select_best!r}, but "
+                              f"AdversarialTrainer (fit) writes no checkpoints to select "
+                              f"from; use 'none' here, or train with train.py "
+                              f"(python -m madry_ns.train), which measures every checkpoint")
         self.toolkit = _is_toolkit_model(model)
         if not self.toolkit:
             _check_plain_keras(config)

@@ -44,6 +44,9 @@ STREAMS = {
     "rna_attack_path": 1, "rna_train_path": 2,
     # RNA protocols (rna_eval.py): folded into (inference_seed, 0).
     "rna_classify": 1, "rna_attack_path_eval": 2, "rna_start": 3, "rna_eot": 4, "rna_aa": 5,
+    # Best-checkpoint selection (`madry_ns.selection`): the held-out training images, one
+    # shuffle folded into (np_random_seed, 0) with an id no other draw folds there.
+    "select_heldout": 2000,
 }
 # What the RNA protocols classify: each gets its own classification paths (folded after
 # "rna_classify").
@@ -115,3 +118,8 @@ def eval_start(config, index):
 def rna_protocol(config, stream: str, *data):
     """The RNA protocols' draws: (inference_seed, 0) with the stream and `data` folded in."""
     return fold(pair(config.inference_seed, 0), STREAMS[stream], *data)
+
+
+def heldout(config):
+    """The seed of the held-out training images of best-checkpoint selection."""
+    return fold(pair(config.np_random_seed, 0), STREAMS["select_heldout"])

@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from madry_ns import (attacks, checkpoints, data, distribute, files, finetune, rna, seeds,
-                      shaping)
+                      selection, shaping)
 from madry_ns.errors import UserError
 from madry_ns.models import build_model
 
@@ -355,6 +355,9 @@ class TrainingSetup:
     the strategy, model, optimizer, data batches, checkpointer (restored from the latest
     checkpoint of model_dir, else initialized from `init_checkpoint`), the training attack
     and the step. `start` is the first step to run; `save(step)` writes `checkpoint-<step>`.
+    With `select_best`, `selector` is the run's `selection.Selector` (else None) and
+    `select(step)` measures a checkpoint; a resumed run measures its restored checkpoint
+    first if that measurement is missing.
     """
 
     def __init__(self, config, out=print):
@@ -364,7 +367,10 @@ class TrainingSetup:
         self.chief = chief = distribute.is_chief(strategy)
         self.out = out if chief else _silent  # the chief alone prints
         seed_everything(config)
-        self.dataset = data.load_dataset(config)
+        # With select_best 'heldout' the held-out images leave the training set here,
+        # before anything trains on them.
+        self.dataset, selection_data, heldout = selection.split(config,
+                                                                data.load_dataset(config))
         with strategy.scope():
             self.model = model = build_model(config)
             self.optimizer = optimizer = make_optimizer(config)
@@ -383,6 +389,8 @@ class TrainingSetup:
             finetune.initialize(model, config, self.out)
         if config.trainable != "all":  # Madry's console stays as it was for full training
             self.out(finetune.describe(model, config))
+        if self.restored:
+            selection.check_resume(config)
         if chief:  # keep the configuration with the model for reproducibility (Madry's comment)
             files.atomic_write_text(os.path.join(config.model_dir, "config.json"),
                                     config.to_json())
@@ -394,6 +402,18 @@ class TrainingSetup:
         with strategy.scope():
             self.attack = TrainingAttack(model, config)
             self.train_step = make_train_step(model, optimizer, config, self.attack)
+        self.selector = None
+        if selection_data is not None:
+            self.selector = selection.Selector(config, model, optimizer, selection_data,
+                                               heldout, out=self.out)
+            if self.restored:  # killed before the latest checkpoint was measured
+                self.select(checkpoints.checkpoint_step(self.restored))
+
+    def select(self, step) -> None:
+        """With `select_best`: measure the model, which holds `checkpoint-<step>`'s weights,
+        unless that step is measured already or is not a selection step."""
+        if self.selector is not None and self.selector.pending(step):
+            self.selector.measure(step)
 
     def save(self, step) -> str:
         """Write `checkpoint-<step>` (per-replica BN statistics averaged first); its path."""
@@ -494,6 +514,7 @@ def run_loop(run: TrainingSetup, report: TrainingReport) -> str:
             step, x, y = next(run.batches)
             if ii % config.num_checkpoint_steps == 0 and not (run.restored and ii == run.start):
                 run.save(ii)
+                run.select(ii)
             report.before_step(ii, x, y)
             t0 = time.perf_counter()
             metrics = run.train_step(*distribute.distribute_batch(run.strategy, x, y), step)
@@ -508,6 +529,7 @@ def run_loop(run: TrainingSetup, report: TrainingReport) -> str:
             path = run.restored
         else:
             path = run.save(config.max_num_training_steps)
+            run.select(config.max_num_training_steps)
         save_final_model(run)
         return path
 
@@ -533,7 +555,9 @@ def train(config, out=print) -> str:
     loss, gradient or weight stops training (`on_nonfinite: "stop"`) without saving, so the
     last good checkpoint stays the latest, or skips the batch ("skip", logged to the console
     and `model_dir/nonfinite.jsonl`). With `distribution` set, the same loop runs under a
-    tf.distribute strategy (see `madry_ns.distribute`); only the chief writes.
+    tf.distribute strategy (see `madry_ns.distribute`); only the chief writes. With
+    `select_best`, every periodic and the final checkpoint is measured and the best kept in
+    `model_dir/best` (`madry_ns.selection`).
     """
     run = setup(config, out)
     report = TrainingReport(run)
@@ -548,6 +572,8 @@ def train(config, out=print) -> str:
             f"Restart every worker: they resume from the latest checkpoint "
             f"({tf.train.latest_checkpoint(config.model_dir) or 'none yet'}).", 1) from None
     finally:
+        if run.selector is not None:
+            run.selector.close()
         run.save_dir.cleanup()
 
 

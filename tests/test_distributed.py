@@ -196,3 +196,24 @@ def test_killing_a_worker_fails_the_run_cleanly_and_restarting_resumes(tmp_path)
     assert f"Resuming from {latest} at step {resume_at}" in results[0][1]
     assert tf.train.latest_checkpoint(str(tmp_path / "kill")).endswith(
         f"checkpoint-{resume_at + 2}")
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_best_checkpoint_selection_under_mirrored_strategy(tmp_path):
+    """select_best under MirroredStrategy on two logical CPUs, with RNA's random paths: every
+    checkpoint measured, the best kept in best/. Extended: not run by default or in CI (a
+    fresh process, a training and two selection evaluations); run with -m extended."""
+    _run(tmp_path, "select", logical_cpus=2, distribution="mirrored", model="resnet20",
+         norm_layer="rna", num_steps=1, max_num_training_steps=2, num_checkpoint_steps=2,
+         select_best="heldout", select_examples=16, select_num_steps=1, eval_batch_size=8)
+    best = tmp_path / "select" / "best"
+    record = json.loads((best / "selection.json").read_text())
+    assert [m["step"] for m in record["measurements"]] == [0, 2]
+    step = record["best_step"]
+    assert tf.train.latest_checkpoint(str(best)) == str(best / f"checkpoint-{step}")
+    saved, same = _tensors(str(best / f"checkpoint-{step}")), _tensors(
+        str(tmp_path / "select" / f"checkpoint-{step}"))
+    assert saved.keys() == same.keys()
+    for key, value in saved.items():
+        np.testing.assert_array_equal(value, same[key], err_msg=key)
