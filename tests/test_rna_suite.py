@@ -261,3 +261,26 @@ def test_sanity_checks_run_on_the_attack_path(suite_run):
     adaptive = {r["key"]: r for r in result["rows"]}["adaptive"]
     assert check["adaptive_pgd"] == adaptive["accuracy"][PN_ATTACK]
     assert not check["batch_size"]["flag"]  # each batch has its own path: reported only
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_command_line_runs_an_rna_checkpoint(tmp_path, capsys):
+    """`python -m madry_ns.evaluate` on a 4-step narrow-WRN RNA checkpoint: the rows made for
+    BN+Shaping are skipped with a message, the others read on both paths. Extended (not run
+    by default or in CI): tracing the RNA network costs about a minute."""
+    from conftest import make_tiny_config
+
+    from madry_ns import training
+
+    cfg = make_tiny_config(tmp_path, norm_layer="rna", num_eval_examples=8)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    training.train(cfg, out=lambda *_: None)
+    out = tmp_path / "suite"
+    assert evaluate.main(["--config", str(path), "--attacks", "fgsm,shaping", "--modes",
+                          "population", "--no_sanity", "--output", str(out)]) == 0
+    assert "shaping: skipped: made for BN+Shaping" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["columns"]) == [PN_FRESH, PN_ATTACK]
+    assert [r["key"] for r in saved["rows"]] == ["fgsm"]

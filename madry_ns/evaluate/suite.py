@@ -389,8 +389,7 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
         cols = row.cells(settings, modes)
         if not cols:
             if suite.random_paths and row.paths is None:
-                out(f"{key}: skipped: made for BN+Shaping (its batch split or reference "
-                    f"draws), not for a model with random paths")
+                out(_skip_note([key]))
             continue
         if key in reused:  # the resume state kept only rows with every column's outcomes
             done.append(reused[key])
@@ -447,6 +446,11 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
     if on_row is not None:
         on_row(result, arrays())
     return result
+
+
+def _skip_note(keys) -> str:
+    return (f"{', '.join(keys)}: skipped: made for BN+Shaping (its batch split or reference "
+            f"draws), not for a model with random paths")
 
 
 def _generations(suite: Suite, row, cols: list) -> list:
@@ -568,6 +572,16 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     dataset = data.load_dataset(config)
     path, model = load_checkpoint(config, checkpoint)
     config = paths_config(config, model)
+    skipped = [k for k in settings.attacks if ROW[k].paths is None] \
+        if random_paths(config) else []
+    if skipped:  # the default --attacks (all) holds them; evaluate_model refuses them
+        if len(skipped) == len(settings.attacks):
+            raise ConfigError(f"--attacks {','.join(skipped)}: made for BN+Shaping (its batch "
+                              f"split or reference draws); {config.model} here has RNA layers "
+                              f"and classifies on random paths")
+        out(_skip_note(skipped))
+        settings = dataclasses.replace(settings, attacks=tuple(
+            k for k in settings.attacks if k not in skipped))
     step = checkpoints.checkpoint_step(path)
     output = output or os.path.join(config.model_dir, "eval", f"suite-{step}")
     previous = None
