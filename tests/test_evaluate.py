@@ -347,8 +347,10 @@ def test_bad_settings_and_configs_are_clear_errors(config):
         evaluate.Settings(eot_samples=0)
     with pytest.raises(ConfigError, match="multiple of 8"):
         evaluate.check_modes(config.replace(inference_ratio=7, eval_batch_size=20), MODES_ALL)
-    with pytest.raises(ConfigError, match="rna_eval.py"):
-        evaluate.check_modes(config.replace(norm_layer="rna"), ("pn",))
+    # RNA models run in the suite now (tests/test_rna_suite.py); only BN+Shaping is refused
+    evaluate.check_modes(config.replace(norm_layer="rna"), ("pn",))
+    with pytest.raises(ConfigError, match="random paths"):
+        evaluate.check_modes(config.replace(norm_layer="rna"), ("pn", "shaped"))
 
 
 MODES_ALL = evaluate.MODES

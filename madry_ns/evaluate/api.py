@@ -19,6 +19,12 @@ statistics) and, given `references` (clean training images), 'shaped'. Asking fo
 model cannot run is a `ConfigError` naming the mode before any attack runs; so is an attack
 that needs the toolkit's BN layers (the shaping attack) on a model without them.
 
+A model with RNA layers runs 'population' and 'batch' on random paths, one path shared by each
+batch as released: every mode gives two columns, `MODE_fresh_path` (classified on a path drawn
+independently of the attack's, the released protocol) and `MODE_attack_path` (on the
+attacker's own path, white-box), see `madry_ns.evaluate.rows`; rows made for BN+Shaping (the
+shaping attack, the attacker's own references) are refused.
+
 `python -m madry_ns.evaluate` is a thin shell over this function (`suite.run`): a checkpoint
 and a config in, `evaluate_model(..., config=config)`, `Result.save` out.
 """
@@ -32,7 +38,7 @@ import numpy as np
 
 from madry_ns.errors import ConfigError
 from madry_ns.evaluate import reports
-from madry_ns.evaluate.rows import ROW, canonical_modes
+from madry_ns.evaluate.rows import ROW, canonical_modes, table_columns
 from madry_ns.evaluate.suite import Settings, check_modes, run_suite
 
 # The config keys `evaluate_model` sets from its own arguments when no config is given.
@@ -180,6 +186,17 @@ class _PixelScaled:
             return []
         return self.model._flatten_layers(*args, **kwargs)
 
+    # RNA's path API (`madry_ns.rna`), for the random-path forwards.
+    def rna_layers(self):
+        return self.model.rna_layers() if hasattr(self.model, "rna_layers") else []
+
+    def resample(self, seed):
+        return self.model.resample(seed)
+
+    @property
+    def rna_sampling(self):
+        return self.model.rna_sampling
+
 
 def _on_255(images, scale: float) -> np.ndarray:
     """Images on the suite's 0-255 scale; uint8 images on it already stay uint8 (the shaped
@@ -229,11 +246,11 @@ def _config(config, *, epsilon, scale, num_steps, step_size, loss, random_start,
         raise ConfigError(f"evaluate_model: {e}") from None
 
 
-def _default_modes(toolkit_bn: bool, references) -> tuple:
+def _default_modes(toolkit_bn: bool, references, random_paths: bool) -> tuple:
     if not toolkit_bn:
         return ("population",)
-    return ("batch", "population", "shaped") if references is not None else (
-        "batch", "population")
+    return ("batch", "population", "shaped") if references is not None and not random_paths \
+        else ("batch", "population")
 
 
 def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: float = 255.0,
@@ -259,7 +276,8 @@ def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: fl
     `out` receives the progress lines (default: print; `out=False` for silence);
     `previous` and `on_row` are `run_suite`'s resume state and per-row callback.
     """
-    from madry_ns import data, inference
+    from madry_ns import data, inference, rna
+    from madry_ns.evaluate.suite import paths_config
 
     x = np.asarray(x)
     y = np.asarray(y).astype(np.int64).reshape(-1)
@@ -271,21 +289,24 @@ def evaluate_model(model, x, y, *, epsilon: float | None = None, pixel_scale: fl
                           f"maximum value (255.0 or 1.0)")
     scale = 255.0 / float(pixel_scale)
     toolkit_bn = inference.has_toolkit_bn(model)
-    modes = canonical_modes(modes) if modes is not None else _default_modes(toolkit_bn,
-                                                                            references)
+    modes = canonical_modes(modes) if modes is not None else _default_modes(
+        toolkit_bn, references, rna.has_rna(model))
     c = _config(config, epsilon=epsilon, scale=scale, num_steps=num_steps,
                 step_size=step_size, loss=loss, random_start=random_start,
                 batch_size=batch_size, seed=seed, num_examples=len(y),
                 shaping_ratio=shaping_ratio)
-    if attacks is None:
-        attacks = tuple(k for k, row in ROW.items()
-                        if any(row.has_cell(m) for m in modes)
-                        and (toolkit_bn or not row.needs_toolkit_bn))
+    c = paths_config(c, model)  # on random paths the labels say so
     unknown_budgets = sorted(set(budgets) - {f.name for f in dataclasses.fields(Settings)})
     if unknown_budgets:
         raise ConfigError(f"evaluate_model: unknown settings {', '.join(unknown_budgets)}; "
                           f"expected keywords of madry_ns.evaluate.Settings")
-    settings = Settings(attacks=tuple(attacks), modes=modes, sanity=sanity, **budgets)
+    settings = Settings(attacks=tuple(ROW if attacks is None else attacks), modes=modes,
+                        sanity=sanity, **budgets)
+    if attacks is None:
+        columns = table_columns(c, settings.modes)
+        settings = dataclasses.replace(settings, attacks=tuple(
+            k for k, row in ROW.items() if row.cells(settings, columns)
+            and (toolkit_bn or not row.needs_toolkit_bn)))
     check_modes(c, settings.modes)
     _check_model_can_run(model, toolkit_bn, settings, references)
 
@@ -322,8 +343,11 @@ def _check_model_can_run(model, toolkit_bn: bool, settings: Settings, references
     from madry_ns import inference, rna
 
     if rna.has_rna(model):
-        raise ConfigError("this model has RNA layers (random paths): evaluate it with the RNA "
-                          "study's protocols, madry_ns.studies.rna (python rna_eval.py)")
+        rows = [k for k in settings.attacks if ROW[k].paths is None]
+        if rows:
+            raise ConfigError(f"attacks {', '.join(rows)}: made for BN+Shaping (its batch "
+                              f"split or reference draws); this model has RNA layers and "
+                              f"classifies on random paths: leave them out of attacks")
 
     if not toolkit_bn:
         bad = [m for m in settings.modes if inference.get(m).needs_toolkit_bn]

@@ -11,6 +11,7 @@ no default subcommand); each has its own `--help`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,10 @@ from madry_ns.evaluate import reports, suite
 from madry_ns.evaluate.rows import AUTOATTACK_NAMES, AUTOATTACK_VERSIONS, ROW
 
 PROG = "python -m madry_ns.evaluate"
+_INT_HELP = {"apgd_eot_samples": "EOT draws per APGD-CE/APGD-DLR gradient in --autoattack rand "
+                                 "(default 20, as AutoAttack) and custom (default 1)",
+             "eot_samples": "draws per gradient of the EOT-PGD row (BN+Shaping references, "
+                            "RNA paths)"}
 
 
 def common_flags(parser: cli.Parser) -> None:
@@ -34,8 +39,9 @@ def common_flags(parser: cli.Parser) -> None:
                                          "or model_dir/eval/ablation)")
 
 
-def _settings(args) -> suite.Settings:
-    return suite.Settings(attacks=args.attacks, modes=args.modes,
+def _settings(args, config) -> suite.Settings:
+    modes = suite.default_modes(config) if args.modes is None else args.modes
+    return suite.Settings(attacks=args.attacks, modes=modes,
                           **{k: getattr(args, k) for k in suite.INT_SETTINGS},
                           **{k: getattr(args, k) for k in suite.FLOAT_SETTINGS},
                           autoattack=args.autoattack,
@@ -57,10 +63,10 @@ def _modes(text: str) -> tuple:
 
 def _suite_parser(command: str) -> cli.Parser:
     def check(config, args):
-        suite.check_modes(config, _settings(args).modes)
+        suite.check_modes(config, _settings(args, config).modes)
 
     def main(config, args):
-        suite.run(config, _settings(args), args.checkpoint, args.output, command,
+        suite.run(config, _settings(args, config), args.checkpoint, args.output, command,
                   resume=args.resume)
 
     parser = cli.Parser(PROG, "Every attack under BN, PN and BN+Shaping inference, with "
@@ -70,11 +76,15 @@ def _suite_parser(command: str) -> cli.Parser:
     parser.add_argument("--checkpoint", help="default: the latest in model_dir")
     parser.add_argument("--attacks", type=cli.comma_list, default=defaults.attacks,
                         help=f"comma-separated, among {','.join(ROW)} (default: all)")
-    parser.add_argument("--modes", type=_modes, default=defaults.modes,
+    parser.add_argument("--modes", type=_modes, default=None,
                         help="inference columns among batch,population,shaped (default: all; "
-                             "the earlier bn, pn still work)")
+                             "RNA models: batch,population, each read on a fresh path and on "
+                             "the attack's path; the earlier bn, pn still work)")
+    unset = {f.name: f.default for f in dataclasses.fields(suite.Settings)}
     for name in suite.INT_SETTINGS:
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+        # Unset keeps the field's own default (apgd_eot_samples: the version's).
+        parser.add_argument(f"--{name}", type=int, default=unset[name],
+                            help=_INT_HELP.get(name))
     for name in suite.FLOAT_SETTINGS:
         parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
     parser.add_argument("--autoattack", default=defaults.autoattack,

@@ -63,6 +63,8 @@ def markdown(result: dict) -> str:
               "clean and under every L-inf attack of the column within the config's epsilon "
               f"({result['settings']['epsilon']:g}); CW-L2 and DeepFool (unbounded L2) and FGSM "
               "at a larger epsilon are other threat models and stay out of it.", ""]
+    if "random_paths" in result:  # RNA: which cells the worst case combines
+        lines += [result["random_paths"]["worst_case"], ""]
     if "sanity" in result:
         lines += _sanity_markdown(result, short)
     return "\n".join(lines) + "\n"

@@ -34,8 +34,14 @@ def migrate(saved: dict, arrays: dict) -> tuple:
 
     Earlier versions keyed columns 'bn' and 'pn' (now 'batch' and 'population', as the config
     says); the numbers and labels are the same, so a stored folder still resumes, compares
-    and reproduces. Only column keys change, never a value.
+    and reproduces. Only column keys change, never a value. Folders of `--autoattack rand`
+    written before `apgd_eot_samples` applied to it record 1 draw but ran AutoAttack's 20:
+    their settings say 20.
     """
+    settings = saved.get("settings")
+    if isinstance(settings, dict) and settings.get("autoattack") == "rand" \
+            and settings.get("apgd_eot_samples") == 1:
+        saved = {**saved, "settings": {**settings, "apgd_eot_samples": 20}}
     if not any(k in _OLD_COLUMNS for k in saved.get("columns", {})):
         return saved, arrays
     saved = dict(saved)
@@ -70,7 +76,10 @@ def _setting_defaults() -> dict:
 
     from madry_ns.evaluate.suite import Settings
 
-    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Settings)
+    # The defaults as a Settings made with them holds them (`apgd_eot_samples` resolved).
+    made = Settings()
+    return json.loads(json.dumps({f.name: getattr(made, f.name)
+                                  for f in dataclasses.fields(Settings)
                                   if f.default is not dataclasses.MISSING}))
 
 
@@ -155,8 +164,8 @@ class ResumeState:
         relabel a finished table as carried over."""
         from madry_ns.evaluate.rows import ROW
 
-        wanted = [k for k in settings.attacks
-                  if any(ROW[k].has_cell(m) for m in settings.modes)]
+        columns = list(self.saved.get("columns", {}))  # this run's, as `load` checked
+        wanted = [k for k in settings.attacks if ROW[k].cells(settings, columns)]
         return ("incomplete" not in self.saved
                 and [r["key"] for r in self.saved.get("rows", [])] == wanted
                 and set(wanted) <= self.rows.keys()

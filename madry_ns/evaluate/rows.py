@@ -11,6 +11,16 @@ and `--resume` read the registry.
 Rows that report per image whether every attack in them failed (`judged_by_attack`, the
 AutoAttack-style ensemble) return `(x_adv, robust)`: re-classifying the per-image mix would
 put images in a batch no attack produced, which matters for batch-statistics columns.
+
+On a model with RNA layers (random paths) every inference mode gives two columns, its two
+*readings* (`table_columns`): `MODE_fresh_path` classifies test batch i on a path drawn from
+(inference_seed, i), independent of every attack's path (the released protocol, a transfer
+between paths); `MODE_attack_path` on the attacker's own path for batch i, (inference_seed,
+ATTACKER_DRAW_OFFSET + i), the path the examples were generated on (white-box on one path).
+A row's `paths(settings)` says which readings it has a cell in (rows averaging their
+gradients over paths have no single attack path: fresh only) and `path_label` how its
+examples meet the paths; `paths=None` marks rows made for BN+Shaping (the batch split,
+reference draws), skipped on random paths.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 # own `inference_bn` values; the earlier 'bn' and 'pn' are accepted as aliases
 # (`madry_ns.inference.ALIASES`). Then any other registered mode under its own key.
 COLUMNS = ("batch", "population", "shaped")
+# The two readings of a mode on random paths (RNA), as suffixes of the column keys.
+FRESH_PATH, ATTACK_PATH = "fresh_path", "attack_path"
+READINGS = (FRESH_PATH, ATTACK_PATH)
 
 
 def columns() -> tuple:
@@ -44,6 +57,44 @@ def canonical_modes(modes) -> tuple:
     from madry_ns import inference
 
     return tuple(inference.ALIASES.get(m, m) for m in modes)
+
+
+def random_paths(config) -> bool:
+    """Whether the config's model classifies on random paths (RNA layers)."""
+    return config.norm_layer == "rna"
+
+
+def table_columns(config, modes) -> tuple:
+    """The table's columns for inference modes `modes`: the modes themselves, or on random
+    paths each mode's two readings (`MODE_fresh_path`, `MODE_attack_path`)."""
+    if not random_paths(config):
+        return tuple(modes)
+    return tuple(f"{m}_{r}" for m in modes for r in READINGS)
+
+
+def column_parts(column: str) -> tuple:
+    """(inference mode, reading) of a column key; the reading is None off random paths."""
+    for reading in READINGS:
+        if column.endswith("_" + reading):
+            return column[:-len(reading) - 1], reading
+    return column, None
+
+
+def attacker_path_text() -> str:
+    """Where the attacker's own random path for test batch i comes from."""
+    return f"seed (inference_seed, {seeds.ATTACKER_DRAW_OFFSET} + i)"
+
+
+def _one_path(settings) -> tuple:
+    del settings
+    return READINGS
+
+
+def _one_path_label(config, settings) -> str:
+    del config, settings
+    return (f"on random paths: generated on the attacker's own path for test batch i "
+            f"({attacker_path_text()}), so white-box in the attack's-path columns of its "
+            f"mode and a transfer between paths in the fresh-path ones")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +113,11 @@ class Row:
     judged_by_attack: bool = False  # fn returns (x_adv, robust per image)
     needs_toolkit_bn: bool = False  # calls the model with bn_mode=... itself
     names: Callable | None = None  # (config, settings) -> table name, when it depends on them
+    # On random paths (module docstring): settings -> the readings it has cells in (None: not
+    # run on random paths; `modes` then does not apply), and (config, settings) -> how its
+    # examples meet the paths, added to its label.
+    paths: Callable | None = _one_path
+    path_label: Callable = _one_path_label
 
     def __post_init__(self):  # rows written with the earlier column names mean the same
         object.__setattr__(self, "generation", canonical_modes([self.generation])[0])
@@ -76,13 +132,33 @@ class Row:
         """The row's L-inf budget on the 0-255 scale (None for unbounded L2 attacks)."""
         return None if self.norm == "l2" else float(self.epsilon(config, settings))
 
+    def describe(self, config, settings) -> str:
+        """How the row's examples are generated, in full (on random paths, on which)."""
+        text = self.label(config, settings)
+        if random_paths(config) and self.paths is not None:
+            text += f"; {self.path_label(config, settings)}"
+        return text
+
     def has_cell(self, mode: str) -> bool:
-        """Whether the row is run under column `mode`."""
+        """Whether the row is run under column `mode` (a model without random paths)."""
         return self.modes is None or mode in self.modes
 
+    def cells(self, settings, columns) -> list:
+        """The columns among `columns` (`table_columns`) the row has a cell in."""
+        out = []
+        for column in columns:
+            mode, reading = column_parts(column)
+            if reading is None:
+                if self.has_cell(mode):
+                    out.append(column)
+            elif self.paths is not None and reading in self.paths(settings):
+                out.append(column)
+        return out
+
     def is_transfer_in(self, mode: str) -> bool:
-        """Whether the row's examples were made on another forward than column `mode`'s."""
-        return self.generation not in ("own", mode)
+        """Whether the row's examples were made on another forward than column `mode`'s
+        (on random paths: in another inference mode)."""
+        return self.generation not in ("own", column_parts(mode)[0])
 
 
 ROW: dict[str, Row] = {}
@@ -124,7 +200,7 @@ def _on_pn(make_attack):
     x, y, seed)` with the batch's PN forward and the row's seed."""
     def make(suite, mode, row_key):
         del mode
-        pn = suite.forward("population")
+        pn = suite.attack_forward("population")
         stream = ROW[row_key].stream
 
         def attack(x, y, i):
@@ -189,20 +265,47 @@ def _make_eot(suite, mode):
     return attack
 
 
-def survivors_protocol(mode: str) -> bool:
+def _eot_readings(settings) -> tuple:
+    del settings
+    return (FRESH_PATH,)
+
+
+def _eot_label(c, s) -> str:
+    if random_paths(c):
+        return (f"EOT-{pgd_text(c)} through the column's inference mode, each gradient "
+                f"averaged over {s.eot_samples} random paths")
+    return (f"EOT-{pgd_text(c)} through BN+Shaping, each gradient averaged over "
+            f"{s.eot_samples} reference draws")
+
+
+def _eot_path_label(c, s) -> str:
+    del c, s
+    return ("on random paths: the paths of each step drawn from the row's seed (stream "
+            "'eot'), independent of the classifying path; no single attack path, so no "
+            "attack's-path cell")
+
+
+def survivors_protocol(mode: str, config=None) -> bool:
     """Whether AutoAttack runs on survivors in column `mode`: only where an image's logits
-    depend on that image alone (no batch statistics, no random draws)."""
+    depend on that image alone (no batch statistics, no random draws; with `config`, not
+    on random paths either)."""
     from madry_ns import inference
 
-    m = inference.get(mode)
-    return m.per_image and not m.draws
+    m = inference.get(column_parts(mode)[0])
+    return m.per_image and not m.draws and not (config is not None and random_paths(config))
 
 
 def autoattack_params(settings):
-    """The `attacks.AutoAttackParams` of `settings.autoattack` (not 'legacy')."""
+    """The `attacks.AutoAttackParams` of `settings.autoattack` (not 'legacy'); 'rand' with
+    `apgd_eot_samples` draws per gradient (AutoAttack's 20 unless set)."""
+    import dataclasses
+
     from madry_ns import attacks
 
     s = settings
+    if s.autoattack == "rand":
+        return dataclasses.replace(attacks.version_params("rand"),
+                                   apgd_eot_samples=s.apgd_eot_samples)
     if s.autoattack != "custom":
         return attacks.version_params(s.autoattack)
     return attacks.AutoAttackParams(
@@ -216,15 +319,17 @@ def autoattack_params(settings):
 
 def _make_autoattack(suite, mode):
     c, s = suite.config, suite.settings
-    fwd = suite.forward(mode)
+    # Generated through the attacker's forward, judged by the column's (the same forward off
+    # random paths).
+    fwd, judge = suite.attack_forward(mode), suite.forward(mode)
     if s.autoattack != "legacy":
         params = autoattack_params(s)
-        survivors = survivors_protocol(mode)
+        survivors = survivors_protocol(mode, c)
 
         def run(x, y, i):
             result = suite.attacks.auto_attack(
                 lambda z, draw=None: fwd(z, i, draw), x, y, epsilon=float(c.epsilon),
-                params=params, survivors=survivors, classify_fn=lambda z: fwd(z, i),
+                params=params, survivors=survivors, classify_fn=lambda z: judge(z, i),
                 seed=seeds.row_start(c, "autoattack", i))
             return result["x_adv"], result["robust"]
         return run
@@ -233,9 +338,30 @@ def _make_autoattack(suite, mode):
         result = suite.attacks.autoattack_style(
             lambda z: fwd(z, i), x, y, epsilon=float(c.epsilon), num_steps=s.apgd_steps,
             num_targets=s.apgd_targets, square_num_steps=s.square_queries,
-            seed=seeds.row_start(c, "autoattack", i))
+            classify_fn=lambda z: judge(z, i), seed=seeds.row_start(c, "autoattack", i))
         return result["x_adv"], result["robust"]
     return attack
+
+
+def _autoattack_eot(settings) -> int:
+    """APGD-CE's and APGD-DLR's EOT draws in the autoattack row (1: none)."""
+    if settings.autoattack == "legacy":
+        return 1
+    return autoattack_params(settings).apgd_eot_samples
+
+
+def _autoattack_readings(settings) -> tuple:
+    return (FRESH_PATH,) if _autoattack_eot(settings) > 1 else READINGS
+
+
+def _autoattack_path_label(c, s) -> str:
+    k = _autoattack_eot(s)
+    if k == 1:
+        return _one_path_label(c, s) + "; every attack's output judged on the column's path"
+    return (f"on random paths: every APGD-CE/APGD-DLR gradient averaged over {k} random "
+            f"paths, any other attack on the attacker's own path ({attacker_path_text()}); "
+            f"every attack's output judged on the column's path; no single attack path, so "
+            f"no attack's-path cell")
 
 
 register(_pn_row(
@@ -265,7 +391,7 @@ register(_pn_row(
                        f"0.02, unbounded L2), generated on PN"))
 register(Row(
     "shaping", "shaping attack", "shaping", _make_shaping, stream="shaping_attack",
-    needs_toolkit_bn=True,
+    needs_toolkit_bn=True, paths=None,
     label=lambda c, s: f"shaping attack: {pgd_text(c)} through batch statistics, each group "
                        f"of 1/{s.shaping_groups} of the batch attacked beside the other "
                        f"clean test images"))
@@ -278,13 +404,16 @@ register(Row(
 register(Row(
     "adaptive_other", "adaptive PGD, attacker's own references", "own",
     lambda suite, mode: suite.pgd_through(mode, other=True), stream="suite_pgd",
-    modes=("shaped",),
+    modes=("shaped",), paths=None,
     label=lambda c, s: f"{pgd_text(c)} through BN+Shaping with the attacker's own reference "
                        f"draw (the paper's 'slightly weaker' adaptive attack)"))
 register(Row(
     "eot", "EOT-PGD over reference draws", "own", _make_eot, stream="eot", modes=("shaped",),
-    label=lambda c, s: f"EOT-{pgd_text(c)} through BN+Shaping, each gradient averaged over "
-                       f"{s.eot_samples} reference draws"))
+    label=_eot_label, paths=_eot_readings, path_label=_eot_path_label,
+    names=lambda c, s: ("EOT-PGD over random paths" if random_paths(c)
+                        else "EOT-PGD over reference draws")))
+
+
 def _plural(n, word):
     return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('s') else 's')}"
 
@@ -311,7 +440,7 @@ def _autoattack_label(c, s) -> str:
                 f"({s.square_queries} queries), eps {c.epsilon:g}, through the "
                 f"column's own forward on fixed batches (per image worst case; no "
                 f"FAB-T)")
-    survivors = [m for m in s.modes if survivors_protocol(m)]
+    survivors = [m for m in s.modes if survivors_protocol(m, c)]
     fixed = [m for m in s.modes if m not in survivors]
     protocol = "; ".join(
         part for part in (
@@ -326,5 +455,6 @@ def _autoattack_label(c, s) -> str:
 register(Row(
     "autoattack", "AutoAttack-style (APGD-CE, APGD-T, Square)", "own", _make_autoattack,
     stream="autoattack", judged_by_attack=True, label=_autoattack_label,
+    paths=_autoattack_readings, path_label=_autoattack_path_label,
     names=lambda c, s: ("AutoAttack-style (APGD-CE, APGD-T, Square)"
                         if s.autoattack == "legacy" else f"AutoAttack {s.autoattack}")))

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from madry_ns.evaluate.rows import ROW
+from madry_ns.evaluate.rows import ROW, column_parts
 from madry_ns.evaluate.suite import Settings, Suite, batches, column_short, pgd_accuracy
 
 
@@ -37,10 +37,14 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
     * `batch_size`: clean and adaptive-PGD accuracy at half, the same and twice the
       evaluation batch (where the data and the shaped split allow); flagged for PN only
       (which must not depend on it); for BN and BN+Shaping the dependence is reported.
+
+    On random paths (RNA) the checks run in the attack's-path columns (`Suite.sanity_columns`),
+    where attack and judgement share one path, so that path randomness is not read as
+    masking; the batch-size dependence is reported only (each batch has its own path).
     """
     test_batches = batches(dataset, config)
     n = sum(len(y) for _, y in test_batches)
-    modes, eps = settings.modes, config.epsilon
+    modes, eps = suite.sanity_columns, config.epsilon
     checks, flags = {}, []
     for m in modes:
         name = column_short(config, m)
@@ -111,7 +115,8 @@ def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mo
             per_size[str(size)] = {"clean": clean, "adaptive_pgd": adaptive}
             continue
         sized = config.replace(eval_batch_size=size)
-        other = Suite(suite.model, sized, dataset, dataclasses.replace(settings, modes=(mode,)))
+        other = Suite(suite.model, sized, dataset,
+                      dataclasses.replace(settings, modes=(column_parts(mode)[0],)))
         sized_batches = batches(dataset, sized)
         y = np.concatenate([y for _, y in sized_batches])
         labels = np.concatenate([other.classify(mode, x, i)

@@ -2,7 +2,8 @@
 
 Columns are inference modes of `madry_ns.inference`, keyed as the config's `inference_bn`
 ('batch', 'population', 'shaped'; the earlier 'bn' and 'pn' are accepted and read from older
-results folders); rows come from
+results folders); on a model with RNA layers each mode gives two columns, the examples
+classified on a fresh path and on the attack's own path (`rows.table_columns`); rows come from
 `madry_ns.evaluate.rows`; seeds from `madry_ns.seeds`. TensorFlow is imported when a `Suite`
 is built, so settings can be checked (and `--help` shown) in milliseconds.
 """
@@ -20,7 +21,8 @@ import numpy as np
 from madry_ns import inference, seeds
 from madry_ns.errors import ConfigError
 from madry_ns.evaluate import rows as rows_lib
-from madry_ns.evaluate.rows import COLUMNS, ROW
+from madry_ns.evaluate.rows import (ATTACK_PATH, COLUMNS, FRESH_PATH, ROW, column_parts,
+                                    random_paths, table_columns)
 
 MODES = COLUMNS
 INT_SETTINGS = ("eot_samples", "cw_steps", "cw_search_steps", "deepfool_iters", "apgd_steps",
@@ -60,7 +62,9 @@ class Settings:
     autoattack_attacks: tuple = ("apgd-ce", "apgd-t", "fab-t", "square")
     apgd_restarts: int = 1
     apgd_rho: float = 0.75
-    apgd_eot_samples: int = 1
+    # APGD-CE's and APGD-DLR's EOT draws per gradient in 'rand' and 'custom'; None: the
+    # version's own (rand: AutoAttack's 20; custom: 1, no EOT).
+    apgd_eot_samples: int | None = None
     fab_steps: int = 100
     fab_restarts: int = 1
     fab_targets: int = 9
@@ -74,6 +78,8 @@ class Settings:
 
     def __post_init__(self):
         object.__setattr__(self, "modes", rows_lib.canonical_modes(self.modes))
+        if self.apgd_eot_samples is None:
+            object.__setattr__(self, "apgd_eot_samples", 20 if self.autoattack == "rand" else 1)
         for name, allowed in (("attacks", ROW), ("modes", rows_lib.columns())):
             values = getattr(self, name)
             unknown = [v for v in values if v not in allowed]
@@ -107,33 +113,88 @@ class Settings:
 
 
 def mode_of(column: str) -> inference.Mode:
-    """The inference mode of a suite column."""
-    return inference.get(column)
+    """The inference mode of a suite column (on random paths, of either reading)."""
+    return inference.get(column_parts(column)[0])
+
+
+def default_modes(config) -> tuple:
+    """Every column mode the config's model can run: all, or on random paths (RNA) those
+    that are one network forward (BN+Shaping needs the batch split with references)."""
+    if random_paths(config):
+        return tuple(m for m in MODES if mode_of(m).bn_mode is not None)
+    return MODES
 
 
 def check_modes(config, modes) -> None:
-    """Raise ConfigError when the config cannot run a column (RNA, shaped batch split)."""
-    if config.norm_layer == "rna":
-        raise ConfigError("norm_layer 'rna': random-path models are evaluated by "
-                          "`python rna_eval.py` (protocols (a)-(d)); this suite is for BN models")
+    """Raise ConfigError when the config cannot run a column (shaped batch split; shaped
+    on random paths)."""
     for m in modes:
+        if random_paths(config) and mode_of(m).bn_mode is None:
+            raise ConfigError(f"mode {m!r} with norm_layer 'rna': a model with RNA layers "
+                              f"classifies on random paths, each forward one network pass; "
+                              f"BN+Shaping's split with reference images is for batch-norm "
+                              f"models; use {' or '.join(default_modes(config))}")
         error = mode_of(m).check(config)
         if error:
             raise ConfigError(error)
 
 
+def paths_config(config, model):
+    """`config` with its random-path keys (`norm_layer`, `rna_candidates`, `rna_sampling`)
+    read from `model`, which the labels then describe. The suite classifies on both readings
+    (`rows.table_columns`), so `rna_inference_path` is 'fresh' here whatever the config says.
+    A model without RNA layers leaves a config with norm_layer 'bn' as it is."""
+    from madry_ns import rna
+
+    if not rna.has_rna(model):
+        return config if not random_paths(config) else config.replace(norm_layer="bn")
+    return config.replace(norm_layer="rna",
+                          rna_candidates=list(model.rna_layers()[0].candidates),
+                          rna_sampling=getattr(model, "rna_sampling", config.rna_sampling),
+                          rna_inference_path="fresh")
+
+
+def _paths_text(config, mode: str) -> str:
+    stats = "population" if mode == "population" else "test-batch"
+    return (f"RNA over {'/'.join(config.rna_candidates)}, "
+            f"{config.rna_sampling.replace('_', '-')} paths, BN candidate with {stats} "
+            f"statistics")
+
+
 def column_label(config, mode: str) -> str:
-    """How a column classifies."""
-    return mode_of(mode).label(config, _SHAPED_SEEDING)
+    """How a column classifies (on random paths: on which path)."""
+    key, reading = column_parts(mode)
+    if reading is None:
+        return mode_of(key).label(config, _SHAPED_SEEDING)
+    if reading == FRESH_PATH:
+        how = ("test batch i classified on one path drawn from seed (inference_seed, i), "
+               "independent of every attack's path: the released protocol, a transfer "
+               "between paths")
+    else:
+        how = (f"test batch i classified on the attacker's own path, "
+               f"{rows_lib.attacker_path_text()}, the path its examples were generated on: "
+               f"white-box on one path; rows averaging over paths have no cell")
+    return f"{column_short(config, mode)} ({_paths_text(config, key)}; {how})"
 
 
 def column_short(config, mode: str) -> str:
-    return mode_of(mode).short(config)
+    key, reading = column_parts(mode)
+    short = mode_of(key).short(config)
+    if reading is None:
+        return short
+    return f"{short}, " + ("fresh path" if reading == FRESH_PATH else "attack's path")
 
 
 def row_label(config, settings: Settings, key: str) -> str:
     """How a row's examples are generated, in full."""
-    return ROW[key].label(config, settings)
+    return ROW[key].describe(config, settings)
+
+
+# The worst case on random paths, in results.json and results.md.
+PATHS_NOTE = ("On random paths every column classifies all rows' examples of test batch i on "
+              "one and the same path (fresh: seed (inference_seed, i); attack's: the "
+              "attacker's own path), so each column's worst case combines cells judged by one "
+              "sub-network per batch; the two readings are never combined.")
 
 
 def row_epsilon(config, settings: Settings, key: str) -> float | None:
@@ -153,22 +214,36 @@ class Suite:
 
         from madry_ns import attacks
 
+        config = paths_config(config, model)
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
+        self.random_paths = random_paths(config)
+        # The table's columns; the sanity checks run where attack and judge share the forward
+        # (on random paths: the attack's own path).
+        self.columns = table_columns(config, settings.modes)
+        self.sanity_columns = tuple(c for c in self.columns
+                                    if column_parts(c)[1] in (None, ATTACK_PATH))
         # Shaped columns always draw fresh references, from (inference_seed, batch index).
-        fresh = config.replace(inference_references="fresh")
-        self._forwards = {m: inference.forward(model, fresh, dataset, mode_of(m).key)
+        self._fresh = config.replace(inference_references="fresh")
+        self._forwards = {m: inference.forward(model, self._fresh, dataset, mode_of(m).key)
                           for m in settings.modes}
-        self._classify = {m: tf.function(self.forward(m)) for m in settings.modes}
+        self._classify = {c: tf.function(self.forward(c)) for c in self.columns}
         self._compiled: dict = {}
         self.attacks = attacks
 
+    def attack_forward(self, column: str) -> Callable:
+        """`forward` for an attack made for `column` (a column or a mode): the column's own
+        forward; on random paths the attacker's own path for batch i, in the column's mode."""
+        return self.forward(column, other=self.random_paths)
+
     def forward(self, mode: str, other: bool = False) -> Callable:
         """`fn(x, i, draw=None) -> logits`: the column's forward for batch i, drawing what it
-        draws from the defense's seed for batch i (`other`: the attacker's own draw; `draw`:
-        an explicit seed, for EOT)."""
+        draws from the defense's seed for batch i (`other`, or an attack's-path column: the
+        attacker's own draw; `draw`: an explicit seed, for EOT)."""
+        mode, reading = column_parts(mode)
+        other = other or reading == ATTACK_PATH
         built = self._forwards.get(mode)
         if built is None:  # a column outside settings.modes: the PN transfer source
-            built = inference.forward(self.model, self.config, None, mode_of(mode).key)
+            built = inference.forward(self.model, self._fresh, None, mode_of(mode).key)
             self._forwards[mode] = built
         config = self.config
 
@@ -189,10 +264,14 @@ class Suite:
 
     def pgd_through(self, mode: str, *, other=False, epsilon=None, num_steps=None,
                     step_size=None, restart: int = 0):
-        """Compiled `fn(x, y, i) -> x_adv`: the config's PGD through a column's forward."""
+        """Compiled `fn(x, y, i) -> x_adv`: the config's PGD through a column's forward (on
+        random paths on the attacker's own path)."""
         c = self.config
         params = dict(epsilon=float(epsilon or c.epsilon), num_steps=int(num_steps or c.num_steps),
                       step_size=float(step_size or c.step_size), random_start=c.random_start)
+        # One compiled attack per forward: on random paths a mode's readings share theirs.
+        mode, reading = column_parts(mode)
+        other = other or self.random_paths or reading == ATTACK_PATH
         key = ("pgd", mode, other, tuple(params.values()), restart)
         if key not in self._compiled:
             fwd = self.forward(mode, other)
@@ -280,13 +359,14 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
     from madry_ns.evaluate import resume, sanity
     from madry_ns.progress import Progress
 
-    settings = settings or Settings()
+    config = paths_config(config, model)
+    settings = settings or Settings(modes=default_modes(config))
     check_modes(config, settings.modes)
     suite = Suite(model, config, dataset, settings)
     test_batches = batches(dataset, config)
     y_all = np.concatenate([y for _, y in test_batches])
     n = len(y_all)
-    modes = settings.modes
+    modes = suite.columns
     correct: dict = {}  # (row, mode) -> [n] bool
     done, total_start = [], time.perf_counter()
 
@@ -306,8 +386,10 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
                               for m in modes))
     for position, key in enumerate(settings.attacks):
         row = ROW[key]
-        cols = [m for m in modes if row.has_cell(m)]
+        cols = row.cells(settings, modes)
         if not cols:
+            if suite.random_paths and row.paths is None:
+                out(_skip_note([key]))
             continue
         if key in reused:  # the resume state kept only rows with every column's outcomes
             done.append(reused[key])
@@ -315,10 +397,10 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
             out(_row_line(config, key, reused[key]["accuracy"], "from --resume"))
             continue
         start = time.perf_counter()
-        own = row.generation == "own"
-        bar = Progress(len(test_batches) * (len(cols) if own else 1), key)
+        groups = _generations(suite, row, cols)
+        bar = Progress(len(test_batches) * len(groups), key)
         cells, distances = {}, []
-        for gen in (cols if own else [None]):
+        for gen, judged in groups:
             fn = suite.generator(key, gen)
             x_adv, robust = [], []
             for i, (x, y) in enumerate(test_batches):
@@ -330,18 +412,19 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
                 x_adv.append(adv.numpy())
                 bar.update()
             distances.append(_distances(x_adv, test_batches, n))
-            for m in (cols if gen is None else [gen]):
+            for m in judged:
                 correct[(key, m)] = np.concatenate(robust) if robust else classify_all(x_adv, m)
                 cells[m] = float(correct[(key, m)].mean())
         bar.close()
         seconds = time.perf_counter() - start
+        moved = {m: d for (_, judged), d in zip(groups, distances) for m in judged}
         done.append({"key": key, "attack": row.title(config, settings),
-                     "generation": row.label(config, settings),
+                     "generation": row.describe(config, settings),
                      "threat_model": row.norm, "epsilon": row.budget(config, settings),
                      "accuracy": cells, "perturbation": distances[0] if len(distances) == 1
-                     else dict(zip(cols, distances)), "seconds": round(seconds, 2)})
+                     else {m: moved[m] for m in cols}, "seconds": round(seconds, 2)})
         out(_row_line(config, key, cells, f"{seconds:.1f} s"))
-        pending = list(settings.attacks[position + 1:])
+        pending = [k for k in settings.attacks[position + 1:] if ROW[k].cells(settings, modes)]
         if on_row is not None and pending:
             on_row({**summary(), "incomplete": {"pending_attacks": pending,
                                                 "sanity_pending": settings.sanity}}, arrays())
@@ -363,6 +446,24 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
     if on_row is not None:
         on_row(result, arrays())
     return result
+
+
+def _skip_note(keys) -> str:
+    return (f"{', '.join(keys)}: skipped: made for BN+Shaping (its batch split or reference "
+            f"draws), not for a model with random paths")
+
+
+def _generations(suite: Suite, row, cols: list) -> list:
+    """[(generation key, the columns its examples are judged in)] of a row: one generation
+    for rows made once (on PN, by the shaping attack); for rows made through each column's
+    own forward, one per column, except on random paths, where a mode's two readings share
+    the attacker's generation (unless the attack judges its own outputs)."""
+    if row.generation != "own":
+        return [(None, list(cols))]
+    if not suite.random_paths or row.judged_by_attack:
+        return [(m, [m]) for m in cols]
+    modes = list(dict.fromkeys(column_parts(m)[0] for m in cols))
+    return [(mode, [m for m in cols if column_parts(m)[0] == mode]) for mode in modes]
 
 
 def _distances(x_adv: list, test_batches: list, n: int) -> dict:
@@ -415,18 +516,21 @@ def worst_case(config, settings: Settings, modes, clean: dict, correct: dict) ->
 
 
 def _summary(config, settings: Settings, dataset, modes, n, clean, correct, done) -> dict:
-    return {
+    summary = {
         **identity(config, settings, dataset, n),
         "clean": {m: float(clean[m].mean()) for m in modes},
         "rows": list(done), "worst_case": worst_case(config, settings, modes, clean, correct),
     }
+    if random_paths(config):
+        summary["random_paths"] = {"worst_case": PATHS_NOTE}
+    return summary
 
 
 def identity(config, settings: Settings, dataset, n: int) -> dict:
     """What makes two evaluations the same experiment (compared by --resume)."""
     return {
         "num_examples": n, "model": config.model, "dataset": dataset.source,
-        "columns": {m: column_label(config, m) for m in settings.modes},
+        "columns": {m: column_label(config, m) for m in table_columns(config, settings.modes)},
         "settings": {**dataclasses.asdict(settings), "epsilon": config.epsilon,
                      "num_steps": config.num_steps, "step_size": config.step_size,
                      "random_start": config.random_start, "loss_func": config.loss_func,
@@ -467,6 +571,17 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     check_modes(config, settings.modes)
     dataset = data.load_dataset(config)
     path, model = load_checkpoint(config, checkpoint)
+    config = paths_config(config, model)
+    skipped = [k for k in settings.attacks if ROW[k].paths is None] \
+        if random_paths(config) else []
+    if skipped:  # the default --attacks (all) holds them; evaluate_model refuses them
+        if len(skipped) == len(settings.attacks):
+            raise ConfigError(f"--attacks {','.join(skipped)}: made for BN+Shaping (its batch "
+                              f"split or reference draws); {config.model} here has RNA layers "
+                              f"and classifies on random paths")
+        out(_skip_note(skipped))
+        settings = dataclasses.replace(settings, attacks=tuple(
+            k for k in settings.attacks if k not in skipped))
     step = checkpoints.checkpoint_step(path)
     output = output or os.path.join(config.model_dir, "eval", f"suite-{step}")
     previous = None
@@ -503,6 +618,7 @@ def run(config, settings: Settings, checkpoint: str | None = None,
     return result
 
 
-__all__ = ["MODES", "Settings", "Suite", "batches", "check_modes", "column_label",
-           "column_short", "identity", "load_checkpoint", "per_image", "pgd_accuracy",
-           "row_label", "row_epsilon", "run", "run_suite", "worst_case"]
+__all__ = ["MODES", "PATHS_NOTE", "Settings", "Suite", "batches", "check_modes", "column_label",
+           "column_short", "default_modes", "identity", "load_checkpoint", "paths_config",
+           "per_image", "pgd_accuracy", "row_label", "row_epsilon", "run", "run_suite",
+           "worst_case"]
