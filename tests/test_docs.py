@@ -114,3 +114,28 @@ def test_the_digits_evaluation_tables_are_those_the_suite_wrote():
     assert evaluate.ablation_markdown(grid, grid["command"]) == rendered
     for table in _tables(rendered):
         assert "\n".join(table) in doc
+
+
+@pytest.mark.parametrize("folder", sorted(
+    os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "docs", "fragile", "**",
+                                                       "table.json"), recursive=True)))
+def test_the_fragile_features_tables_are_those_the_study_wrote(folder):
+    """Each stored table.md is the study's own rendering of the table.json beside it, and
+    every row docs/fragile_features.md shows from it is one of its rows, word for word."""
+    from madry_ns.studies import fragile
+
+    with open(os.path.join(folder, "table.json"), encoding="utf-8") as f:
+        records = json.load(f)["rows"]
+    with open(os.path.join(folder, "table.md"), encoding="utf-8") as f:
+        rendered = f.read()
+    assert fragile.table(records) == rendered
+    rows = {line for line in rendered.splitlines() if line.startswith("| ")}
+    labels = {line.split(" | ")[0] for line in rows}
+    with open(os.path.join(ROOT, "docs", "fragile_features.md"), encoding="utf-8") as f:
+        doc = f.read()
+    relative = os.path.relpath(os.path.join(folder, "table.md"), os.path.join(ROOT, "docs"))
+    assert f"`docs/{relative}`" in doc, f"docs/fragile_features.md does not cite {relative}"
+    section = doc.split(f"`docs/{relative}`", 1)[1]
+    shown = [line for line in _tables(section)[0][2:]]
+    assert shown and all(line.split(" | ")[0] in labels for line in shown)
+    assert all(line in rows for line in shown)

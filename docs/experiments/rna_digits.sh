@@ -17,3 +17,12 @@ for norm in rna bn; do
   $PY rna_eval.py --config $CONFIG $SET --set num_steps=20 \
     --repeats 10 --eot_samples 10 --apgd_steps 100 --output "$OUT/rna_eval.jsonl"
 done
+# The evaluation suite on the RNA model (docs/rna_digits.md, "The evaluation suite on the RNA
+# model"): every row that runs on random paths, each read on a fresh path and on the attack's
+# own; --resume keeps the rows a stopped run finished.
+$PY -m madry_ns.evaluate --config $CONFIG --set model_dir="$OUT/rna" --set num_steps=20 \
+  --modes population --attacks fgsm,fgsm16,mim,cw,deepfool,adaptive,eot,autoattack \
+  --autoattack rand --apgd_eot_samples 4 --eot_samples 10 --cw_steps 100 --cw_search_steps 2 \
+  --deepfool_iters 20 --sanity_step_factor 2 --sanity_restarts 1 --output "$OUT/rna/suite" --resume
+mkdir -p docs/rna_suite
+cp "$OUT"/rna/suite/{results.md,results.json,per_image.npz} docs/rna_suite/
