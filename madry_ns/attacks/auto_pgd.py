@@ -18,13 +18,6 @@ from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_lin
 # The losses `apgd(loss=...)` accepts: AutoAttack's APGD-CE and APGD-DLR.
 APGD_LOSSES = ("xent", "dlr")
 
-# APGD's loops (restarts, steps, EOT draws) run one iteration at a time. Restarts and steps
-# need the previous iteration's result anyway, and one draw's forward already uses every core;
-# with EOT through RNA's switch_case forwards, overlapping iterations made Grappler's
-# AddOpsRewrite temporaries collide ("AlreadyExistsError: Resource __per_step_0/.../tmp_var",
-# TensorFlow 2.21 on CPU; tensorflow/tensorflow#23780). Results do not depend on it.
-PARALLEL_ITERATIONS = 1
-
 
 def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: float,
                     num_steps: int, rho: float, seed, eot_samples: int | None = None,
@@ -67,14 +60,12 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
 
         # The logits start empty (their class count is unknown before the first draw), so
         # the forward is traced once, inside the loop.
-        # One iteration at a time (PARALLEL_ITERATIONS): the draws are sequential anyway.
         batch = tf.shape(x_adv)[0]
         _, logits, loss, total = tf.while_loop(
             lambda k, *_: k < eot_samples, add_draw,
             (tf.constant(0), tf.zeros([batch, 0]), tf.zeros([batch]), tf.zeros_like(x_adv)),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None]),
-                              tf.TensorShape([None]), x_adv.shape),
-            parallel_iterations=PARALLEL_ITERATIONS)
+                              tf.TensorShape([None]), x_adv.shape))
         return logits, loss, total / float(eot_samples)
 
     # Start at x + eps * t / max|t| with t ~ U(-1, 1): a random point whose largest
@@ -146,8 +137,7 @@ def apgd_single_run(logits_fn: Callable, x, y, loss_fn: Callable, *, epsilon: fl
             step=step, loss_steps=loss_steps, k=k, counter=counter,
             loss_best_last_check=last_best, reduced_last_check=reduced)]
 
-    (s,) = tf.while_loop(lambda s: s["i"] < num_steps, body, [state],
-                         parallel_iterations=PARALLEL_ITERATIONS)
+    (s,) = tf.while_loop(lambda s: s["i"] < num_steps, body, [state])
     return s["x_best"], s["robust"], s["loss_best"], s["x_best_adv"]
 
 
@@ -200,8 +190,7 @@ def _apgd_runs(logits_fn, x, y, num_runs, make_loss, *, epsilon, num_steps, rho,
     batch = tf.shape(x)[0]
     _, x_out, _, _ = tf.while_loop(
         more, body,
-        (tf.constant(0), x, tf.zeros([batch], tf.bool), tf.fill([batch], -float("inf"))),
-        parallel_iterations=PARALLEL_ITERATIONS)
+        (tf.constant(0), x, tf.zeros([batch], tf.bool), tf.fill([batch], -float("inf"))))
     return x_out
 
 

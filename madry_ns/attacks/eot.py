@@ -36,9 +36,8 @@ def eot_pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: 
                 loss = loss_fn(x_adv, draw_seed)
             return k + 1, total + tape.gradient(loss, x_adv)
 
-        # One draw at a time: see attacks.auto_pgd.PARALLEL_ITERATIONS.
         _, total = tf.while_loop(lambda k, _: k < eot_samples, add_draw,
-                                 (tf.constant(0), tf.zeros_like(x_adv)), parallel_iterations=1)
+                                 (tf.constant(0), tf.zeros_like(x_adv)))
         return total / float(eot_samples)
 
     return linf_ascent(gradient, x, epsilon=epsilon, num_steps=num_steps,

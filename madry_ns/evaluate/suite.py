@@ -217,6 +217,12 @@ class Suite:
         config = paths_config(config, model)
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
         self.random_paths = random_paths(config)
+        if self.random_paths:
+            # Gradients through RNA's switch_case inside APGD's nested loops (AutoAttack
+            # 'rand') made Grappler's AddOpsRewrite temporaries collide on CPU
+            # (AlreadyExistsError ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21;
+            # tensorflow#23780). That rewrite only regroups additions: off for this process.
+            tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
         # The table's columns; the sanity checks run where attack and judge share the forward
         # (on random paths: the attack's own path).
         self.columns = table_columns(config, settings.modes)
