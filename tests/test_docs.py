@@ -139,3 +139,22 @@ def test_the_fragile_features_tables_are_those_the_study_wrote(folder):
     shown = [line for line in _tables(section)[0][2:]]
     assert shown and all(line.split(" | ")[0] in labels for line in shown)
     assert all(line in rows for line in shown)
+
+
+def test_the_rna_suite_table_is_the_one_the_suite_wrote():
+    """docs/rna_digits.md shows the suite's table of the digits RNA model as stored in
+    docs/rna_suite/: results.md is the suite's rendering of results.json, and the doc's
+    results and sanity tables are its own."""
+    from madry_ns import evaluate
+
+    folder = os.path.join(ROOT, "docs", "rna_suite")
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    with open(os.path.join(folder, "results.md"), encoding="utf-8") as f:
+        rendered = f.read()
+    assert evaluate.markdown(saved) == rendered
+    assert set(saved["columns"]) == {"population_fresh_path", "population_attack_path"}
+    with open(os.path.join(ROOT, "docs", "rna_digits.md"), encoding="utf-8") as f:
+        doc = f.read()
+    section = doc.split("## The evaluation suite on the RNA model", 1)[1]
+    assert _tables(section)[:2] == _tables(rendered)[:2]
