@@ -116,12 +116,16 @@ def test_the_digits_evaluation_tables_are_those_the_suite_wrote():
         assert "\n".join(table) in doc
 
 
-@pytest.mark.parametrize("folder", sorted(
-    os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "docs", "fragile", "**",
-                                                       "table.json"), recursive=True)))
+FRAGILE_TABLES = sorted(
+    os.path.dirname(p) for pattern in (("fragile", "**"), ("fashion_mnist", "fragile"))
+    for p in glob.glob(os.path.join(ROOT, "docs", *pattern, "table.json"), recursive=True))
+
+
+@pytest.mark.parametrize("folder", FRAGILE_TABLES)
 def test_the_fragile_features_tables_are_those_the_study_wrote(folder):
     """Each stored table.md is the study's own rendering of the table.json beside it, and
-    every row docs/fragile_features.md shows from it is one of its rows, word for word."""
+    every row the doc that cites it (docs/fragile_features.md, or docs/fashion_mnist.md for
+    the Fashion-MNIST record) shows from it is one of its rows, word for word."""
     from madry_ns.studies import fragile
 
     with open(os.path.join(folder, "table.json"), encoding="utf-8") as f:
@@ -131,10 +135,11 @@ def test_the_fragile_features_tables_are_those_the_study_wrote(folder):
     assert fragile.table(records) == rendered
     rows = {line for line in rendered.splitlines() if line.startswith("| ")}
     labels = {line.split(" | ")[0] for line in rows}
-    with open(os.path.join(ROOT, "docs", "fragile_features.md"), encoding="utf-8") as f:
+    page = "fashion_mnist.md" if "fashion_mnist" in folder else "fragile_features.md"
+    with open(os.path.join(ROOT, "docs", page), encoding="utf-8") as f:
         doc = f.read()
     relative = os.path.relpath(os.path.join(folder, "table.md"), os.path.join(ROOT, "docs"))
-    assert f"`docs/{relative}`" in doc, f"docs/fragile_features.md does not cite {relative}"
+    assert f"`docs/{relative}`" in doc, f"docs/{page} does not cite {relative}"
     section = doc.split(f"`docs/{relative}`", 1)[1]
     shown = [line for line in _tables(section)[0][2:]]
     assert shown and all(line.split(" | ")[0] in labels for line in shown)
@@ -158,3 +163,4 @@ def test_the_rna_suite_table_is_the_one_the_suite_wrote():
         doc = f.read()
     section = doc.split("## The evaluation suite on the RNA model", 1)[1]
     assert _tables(section)[:2] == _tables(rendered)[:2]
+
