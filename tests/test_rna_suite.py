@@ -80,13 +80,16 @@ def _settings(**kwargs):
 
 @pytest.fixture(scope="module")
 def suite_run(model, dataset, config):
-    """(results, per-image arrays, console lines, AutoAttack's calls) of one run."""
-    lines, arrays, calls = [], {}, []
+    """(results, per-image arrays, console lines, AutoAttack's calls, the arithmetic
+    rewrite option before, during (at each row) and after) of one run."""
+    lines, arrays, calls, rewrite = [], {}, [], []
     original = attacks.auto_attack
 
     def keep(partial, found):
         arrays.clear()
         arrays.update(found)
+        rewrite.append(tf.config.optimizer.get_experimental_options().get(
+            "arithmetic_optimization"))
 
     def spy(*args, **kwargs):  # how the suite calls AutoAttack (traced once per batch shape)
         calls.append((kwargs["survivors"], kwargs["params"]))
@@ -94,9 +97,11 @@ def suite_run(model, dataset, config):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(attacks, "auto_attack", spy)
+        before = tf.config.optimizer.get_experimental_options().get("arithmetic_optimization")
         result = evaluate.run_suite(model, dataset, config, _settings(sanity=True),
                                     out=lines.append, on_row=keep)
-    return result, dict(arrays), lines, calls
+    after = tf.config.optimizer.get_experimental_options().get("arithmetic_optimization")
+    return result, dict(arrays), lines, calls, (before, rewrite, after)
 
 
 def test_the_refusal_is_gone_and_shaped_inference_is_refused(config):
@@ -284,3 +289,12 @@ def test_command_line_runs_an_rna_checkpoint(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["columns"]) == [PN_FRESH, PN_ATTACK]
     assert [r["key"] for r in saved["rows"]] == ["fgsm"]
+
+
+def test_the_arithmetic_rewrite_is_off_only_while_the_suite_runs(suite_run):
+    """The workaround for tensorflow#23780 (see `suite.arithmetic_rewrite_off`) holds for the
+    RNA model's run and is undone after it, leaving the process's other functions alone."""
+    before, during, after = suite_run[4]
+    assert before in (None, True)
+    assert during and all(value is False for value in during)
+    assert after is True

@@ -10,6 +10,7 @@ is built, so settings can be checked (and `--help` shown) in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -206,8 +207,35 @@ def row_epsilon(config, settings: Settings, key: str) -> float | None:
 # The forwards and the attacks
 
 
+@contextlib.contextmanager
+def arithmetic_rewrite_off(active: bool = True):
+    """Grappler's arithmetic optimizer off inside the block (when `active`), as it was after.
+
+    Gradients through RNA's switch_case inside APGD's nested loops (AutoAttack 'rand') made
+    Grappler's AddOpsRewrite temporaries collide on CPU (AlreadyExistsError
+    ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21; tensorflow#23780). That rewrite only
+    regroups additions, so `run` turns it off while it evaluates a random-path model; a
+    `Suite` built by hand for one should be used inside this block too. Functions are
+    instantiated with the options of their first call, so what the block compiled keeps the
+    setting, and what is compiled after it gets the optimizer back."""
+    if not active:
+        yield
+        return
+    import tensorflow as tf
+
+    before = tf.config.optimizer.get_experimental_options().get("arithmetic_optimization")
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    try:
+        yield
+    finally:
+        # An option never set reads as absent, and the optimizer's default is on.
+        tf.config.optimizer.set_experimental_options(
+            {"arithmetic_optimization": True if before is None else before})
+
+
 class Suite:
-    """The compiled forwards and attacks of one model under one config."""
+    """The compiled forwards and attacks of one model under one config (for a random-path
+    model, use it inside `arithmetic_rewrite_off()`, as `run` does)."""
 
     def __init__(self, model, config, dataset, settings: Settings):
         import tensorflow as tf
@@ -217,12 +245,6 @@ class Suite:
         config = paths_config(config, model)
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
         self.random_paths = random_paths(config)
-        if self.random_paths:
-            # Gradients through RNA's switch_case inside APGD's nested loops (AutoAttack
-            # 'rand') made Grappler's AddOpsRewrite temporaries collide on CPU
-            # (AlreadyExistsError ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21;
-            # tensorflow#23780). That rewrite only regroups additions: off for this process.
-            tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
         # The table's columns; the sanity checks run where attack and judge share the forward
         # (on random paths: the attack's own path).
         self.columns = table_columns(config, settings.modes)
@@ -362,12 +384,17 @@ def run_suite(model, dataset, config, settings: Settings | None = None, out=prin
     `resume.ResumeState`) holds rows of an earlier run with the same settings: those attacks
     are not run again, after checking that the clean predictions are the same image by
     image."""
-    from madry_ns.evaluate import resume, sanity
-    from madry_ns.progress import Progress
-
     config = paths_config(config, model)
     settings = settings or Settings(modes=default_modes(config))
     check_modes(config, settings.modes)
+    with arithmetic_rewrite_off(random_paths(config)):
+        return _run_suite(model, config, dataset, settings, out, on_row, previous)
+
+
+def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
+    from madry_ns.evaluate import resume, sanity
+    from madry_ns.progress import Progress
+
     suite = Suite(model, config, dataset, settings)
     test_batches = batches(dataset, config)
     y_all = np.concatenate([y for _, y in test_batches])
