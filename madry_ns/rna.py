@@ -1,7 +1,7 @@
 """Random Normalization Aggregation (Dong et al., NeurIPS 2022): training and path helpers.
 
 The layer is `layers.RandomNorm`; the path API (`rna_layers`, `resample`, `set_path`, `path`)
-is on every model (`models._Classifier`). This module ties them to training and inference.
+is on every model (`rna_paths.RandomPaths`). This module ties them to training and inference.
 
 Training as released (UniSerj/Random-Norm-Aggregation `train.py`), per batch: draw a path,
 run the whole PGD attack on it, draw another path ("black-box adversarial training"), update
