@@ -164,3 +164,33 @@ def test_the_rna_suite_table_is_the_one_the_suite_wrote():
     section = doc.split("## The evaluation suite on the RNA model", 1)[1]
     assert _tables(section)[:2] == _tables(rendered)[:2]
 
+
+
+FASHION = os.path.join(ROOT, "docs", "fashion_mnist")
+
+
+def _fashion_doc() -> str:
+    with open(os.path.join(ROOT, "docs", "fashion_mnist.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_fashion_mnist_probe_is_the_one_the_suite_wrote():
+    """docs/fashion_mnist.md's probe of the Madry model: its table is the suite's own (the
+    stored results.md renders the stored results.json), and every sanity line it quotes is a
+    line the suite printed (console.txt)."""
+    from madry_ns import evaluate
+
+    folder = os.path.join(FASHION, "pgd7_probe")
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    with open(os.path.join(folder, "results.md"), encoding="utf-8") as f:
+        rendered = f.read()
+    assert evaluate.markdown(saved) == rendered
+    assert saved["dataset"].startswith("fashion_mnist") and saved["num_examples"] == 100
+    section = _fashion_doc().split("## A first probe of the Madry model", 1)[1]
+    assert "`docs/fashion_mnist/pgd7_probe/`" in section
+    assert _tables(section)[0] == _tables(rendered)[0]
+    with open(os.path.join(folder, "console.txt"), encoding="utf-8") as f:
+        console = set(f.read().splitlines())
+    quoted = [line for line in section.splitlines() if line.startswith("sanity ")]
+    assert len(quoted) == 2 and all(line in console for line in quoted)
