@@ -290,14 +290,44 @@ def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
         generated.append(key)
         return original(self, key, mode)
 
+    # The first resume is stopped again inside the sanity checks, after 3 of their attacks.
+    from madry_ns.evaluate import sanity
+
+    attack, checks = sanity.pgd_accuracy, []
+
+    def call(suite, test_batches, mode, **kwargs):  # which attack: column, batch, settings
+        return mode, len(test_batches[0][1]), sorted(kwargs.items())
+
+    def stopping(*args, **kwargs):
+        if len(checks) == 3:
+            raise KeyboardInterrupt
+        checks.append(call(*args, **kwargs))
+        return attack(*args, **kwargs)
+
     monkeypatch.setattr(evaluate.Suite, "generator", counting)
+    monkeypatch.setattr(sanity, "pgd_accuracy", stopping)
     settings = evaluate.Settings(**{**FAST, **RESUME_SETTINGS})
-    resumed = evaluate.evaluate(
-        shaped_model, digits, config, settings, out=lambda *_: None,
-        previous=evaluate.load_previous(str(tmp_path), expected),
-        on_row=lambda partial, arrays: evaluate.write_results(partial, str(tmp_path), arrays))
+
+    def resume():
+        return evaluate.evaluate(
+            shaped_model, digits, config, settings, out=lambda *_: None,
+            previous=evaluate.load_previous(str(tmp_path), expected),
+            on_row=lambda partial, arrays: evaluate.write_results(partial, str(tmp_path),
+                                                                  arrays))
+
+    with pytest.raises(KeyboardInterrupt):
+        resume()
     assert set(generated) == {"shaping", "adaptive"}  # fgsm and pgd were carried over
-    assert resumed["resumed_rows"] == ["fgsm", "pgd"] and "incomplete" not in resumed
+    stored = evaluate.load_previous(str(tmp_path), expected)
+    assert stored["saved"]["incomplete"]["sanity_pending"] and len(stored["sanity_parts"]) == 3
+    first = list(checks)
+    checks.clear()
+    monkeypatch.setattr(sanity, "pgd_accuracy",
+                        lambda *a, **k: checks.append(call(*a, **k)) or attack(*a, **k))
+    resumed = resume()
+    assert resumed["resumed_rows"] == ["fgsm", "pgd", "shaping", "adaptive"]
+    assert "incomplete" not in resumed
+    assert checks and not any(k in first for k in checks)  # no check's attack ran twice
     monkeypatch.setattr(evaluate.Suite, "generator", original)
     straight = evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None)
     for part in ("clean", "worst_case", "sanity"):

@@ -21,6 +21,8 @@ from madry_ns.errors import ConfigError
 # switch may change: rows are reused by key, and the sanity checks rerun unless identical).
 _RESUME_IGNORED = ("attacks", "sanity")
 _IDENTITY_KEYS = ("checkpoint", "num_examples", "dataset", "model", "columns")
+# per_image.npz names of the sanity checks' attacks (`sanity.Parts`), kept for a resume.
+SANITY_PREFIX = "sanity__"
 # Column names of results folders written before the columns took the config's vocabulary.
 _OLD_COLUMNS = {"bn": "batch", "pn": "population"}
 
@@ -114,15 +116,18 @@ class ResumeState:
 
     Attributes: `rows` (key -> row of results.json, only rows with every column's per-image
     outcomes), `correct` ((row, column) -> per-image bool), `labels`, `clean` (column ->
-    per-image bool), `sanity` (the sanity checks of a finished run, else None), `saved` (the
-    whole results.json) and `path`. Item access (`state["rows"]`) reads the same attributes.
+    per-image bool), `sanity` (the sanity checks of a finished run, else None),
+    `sanity_parts` (name -> per-image bool of each check's attack that finished, so that
+    stopped checks resume), `saved` (the whole results.json) and `path`. Item access (`state["rows"]`) reads the same attributes.
     """
 
     def __init__(self, saved: dict, arrays: dict, path: str):
         self.saved, self.path = saved, path
         self.correct = {}
+        self.sanity_parts = {name[len(SANITY_PREFIX):]: value for name, value in arrays.items()
+                             if name.startswith(SANITY_PREFIX)}
         for name, value in arrays.items():
-            if "__" in name and not name.startswith("clean__"):
+            if "__" in name and not name.startswith(("clean__", SANITY_PREFIX)):
                 key, mode = name.split("__", 1)
                 self.correct[(key, mode)] = value
         self.rows = {r["key"]: r for r in saved.get("rows", [])

@@ -23,8 +23,26 @@ def noise_margin(p: float, n: int) -> float:
     return 2.0 * math.sqrt(max(p * (1.0 - p), 0.0) / max(n, 1)) + 1.0 / max(n, 1)
 
 
+class Parts:
+    """The per-image outcomes of the checks' attacks, by name, so that a run stopped during
+    the checks (the BN+Shaping column's can take hours) resumes after its last finished
+    attack: `done` holds what an earlier run of the same settings made (`--resume`), and
+    `on_part(name, outcomes)` is told of each new one as soon as it is made."""
+
+    def __init__(self, done: dict | None = None, on_part=None):
+        self.done, self.on_part = dict(done or {}), on_part
+
+    def measure(self, name: str, attack) -> np.ndarray:
+        """`attack()`'s per-image outcomes, or the earlier run's under `name`."""
+        if name not in self.done:
+            self.done[name] = np.asarray(attack(), dtype=bool)
+            if self.on_part is not None:
+                self.on_part(name, self.done[name])
+        return self.done[name]
+
+
 def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dict,
-                  correct: dict, out=print) -> dict:
+                  correct: dict, out=print, parts: Parts | None = None) -> dict:
     """Gradient-masking checks per column, through the column's own forward (adaptive PGD):
 
     * `large_epsilon`: accuracy at eps 2x, 4x and 255 (the whole box); flagged unless it falls
@@ -41,7 +59,10 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
     On random paths (RNA) the checks run in the attack's-path columns (`Suite.sanity_columns`),
     where attack and judgement share one path, so that path randomness is not read as
     masking; the batch-size dependence is reported only (each batch has its own path).
+
+    `parts` (a `Parts`) keeps each attack's per-image outcomes for a resumed run.
     """
+    parts = parts or Parts()
     test_batches = batches(dataset, config)
     n = sum(len(y) for _, y in test_batches)
     modes, eps = suite.sanity_columns, config.epsilon
@@ -49,23 +70,28 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
     for m in modes:
         name = column_short(config, m)
         base = correct.get(("adaptive", m))
-        base = base if base is not None else pgd_accuracy(suite, test_batches, m)
+        base = base if base is not None else parts.measure(
+            f"{m}-adaptive", lambda: pgd_accuracy(suite, test_batches, m))
         base_acc = float(base.mean())
         entry = {"adaptive_pgd": base_acc}
         curve = {}
         for factor, e in (("2x", 2 * eps), ("4x", 4 * eps), ("255", 255.0)):
             e = min(e, 255.0)
             step = max(config.step_size, 2.5 * e / config.num_steps)
-            curve[factor] = float(pgd_accuracy(suite, test_batches, m, epsilon=e,
-                                                step_size=step).mean())
+            curve[factor] = float(parts.measure(
+                f"{m}-eps{factor}", lambda: pgd_accuracy(suite, test_batches, m, epsilon=e,
+                                                         step_size=step)).mean())
         entry["large_epsilon"] = {"accuracy": curve, "flag": curve["255"] > 0.05}
         if entry["large_epsilon"]["flag"]:
             flags.append(f"{name}: accuracy stays at {100 * curve['255']:.2f}% with eps 255 "
                          f"(the whole pixel box): the gradient does not lead the attack")
         steps = config.num_steps * settings.sanity_step_factor
-        strong = pgd_accuracy(suite, test_batches, m, num_steps=steps)
+        strong = parts.measure(f"{m}-steps{steps}-start0",
+                               lambda: pgd_accuracy(suite, test_batches, m, num_steps=steps))
         for r in range(1, settings.sanity_restarts + 1):
-            strong &= pgd_accuracy(suite, test_batches, m, num_steps=steps, restart=r)
+            strong = strong & parts.measure(
+                f"{m}-steps{steps}-start{r}",
+                lambda: pgd_accuracy(suite, test_batches, m, num_steps=steps, restart=r))
         strong_acc = float(strong.mean())
         margin = noise_margin(base_acc, n)
         entry["more_steps"] = {"accuracy": strong_acc, "num_steps": steps,
@@ -87,7 +113,8 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
                 flags.append(f"{name}: the transfer attack '{best}' ({100 * transfers[best]:.2f}"
                              f"%) is stronger than adaptive PGD ({100 * base_acc:.2f}%)")
         entry["batch_size"] = _batch_size_dependence(suite, dataset, config, settings, m,
-                                                     clean=result["clean"][m], adaptive=base_acc)
+                                                     clean=result["clean"][m], adaptive=base_acc,
+                                                     parts=parts)
         spread = entry["batch_size"]["spread"]
         entry["batch_size"]["flag"] = m == "population" and spread > margin
         if entry["batch_size"]["flag"]:
@@ -100,7 +127,7 @@ def sanity_checks(suite: Suite, dataset, config, settings: Settings, result: dic
 
 
 def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mode: str, *,
-                           clean: float, adaptive: float):
+                           clean: float, adaptive: float, parts: Parts):
     """Clean and adaptive-PGD accuracy at several evaluation batch sizes (a fresh Suite for
     each, since the shaped split depends on the batch); `clean` and `adaptive` are the
     numbers already measured at the evaluation batch size."""
@@ -121,7 +148,8 @@ def _batch_size_dependence(suite: Suite, dataset, config, settings: Settings, mo
         y = np.concatenate([y for _, y in sized_batches])
         labels = np.concatenate([other.classify(mode, x, i)
                                  for i, (x, _) in enumerate(sized_batches)])
-        adv = pgd_accuracy(other, sized_batches, mode)
+        adv = parts.measure(f"{mode}-batch{size}",
+                            lambda: pgd_accuracy(other, sized_batches, mode))
         per_size[str(size)] = {"clean": float((labels == y).mean()),
                                "adaptive_pgd": float(adv.mean())}
     values = [v["adaptive_pgd"] for v in per_size.values()]

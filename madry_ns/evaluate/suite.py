@@ -22,6 +22,7 @@ import numpy as np
 from madry_ns import inference, seeds
 from madry_ns.errors import ConfigError
 from madry_ns.evaluate import rows as rows_lib
+from madry_ns.evaluate.resume import SANITY_PREFIX
 from madry_ns.evaluate.rows import (ATTACK_PATH, COLUMNS, FRESH_PATH, ROW, column_parts,
                                     random_paths, table_columns)
 
@@ -465,20 +466,31 @@ def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
     result = summary()
     if reused:
         result["resumed_rows"] = [r["key"] for r in done if r["key"] in reused]
+    checked = sanity.Parts(previous["sanity_parts"] if previous else None)
+
+    def all_arrays():
+        return {**arrays(), **sanity_arrays(checked.done)}
+
     if settings.sanity:
         if previous and previous["sanity"] and not reused.keys() ^ {r["key"] for r in done}:
             result["sanity"] = previous["sanity"]  # made from these very rows
             out("sanity checks: from --resume")
         else:
-            if on_row is not None:
-                on_row({**result, "incomplete": {"pending_attacks": [],
-                                                 "sanity_pending": True}}, arrays())
+            pending = {**result, "incomplete": {"pending_attacks": [], "sanity_pending": True}}
+            if on_row is not None:  # each check's attack is saved at once: they take hours
+                checked.on_part = lambda name, outcomes: on_row(pending, all_arrays())
+                on_row(pending, all_arrays())
             result["sanity"] = sanity.sanity_checks(suite, dataset, config, settings, result,
-                                                    correct, out=out)
+                                                    correct, out=out, parts=checked)
     result["seconds"] = round(time.perf_counter() - total_start, 2)
     if on_row is not None:
-        on_row(result, arrays())
+        on_row(result, all_arrays())
     return result
+
+
+def sanity_arrays(done: dict) -> dict:
+    """The sanity checks' per-image outcomes for `per_image.npz`, as `sanity__NAME`."""
+    return {f"{SANITY_PREFIX}{name}": np.asarray(v, bool) for name, v in done.items()}
 
 
 def _skip_note(keys) -> str:
