@@ -48,6 +48,7 @@ def _tensors(path):
             if n.startswith("model/") or n.startswith("optimizer/")}
 
 
+@pytest.mark.slow
 def test_two_replicas_with_synchronized_bn_train_like_one_device(tmp_path):
     """Statistics over the global batch and gradients summed over replicas: the maths of one
     device with the same global batch. Checked in float64 on natural training. In float32 the
