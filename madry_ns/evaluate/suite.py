@@ -216,9 +216,9 @@ def arithmetic_rewrite_off(active: bool = True):
     Grappler's AddOpsRewrite temporaries collide on CPU (AlreadyExistsError
     ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21; tensorflow#23780). That rewrite only
     regroups additions, so `run` turns it off while it evaluates a random-path model; a
-    `Suite` built by hand for one should be used inside this block too. Functions are
-    instantiated with the options of their first call, so what the block compiled keeps the
-    setting, and what is compiled after it gets the optimizer back."""
+    `Suite` built by hand for one should be used inside this block too, calls included
+    (whether a function compiled inside keeps the setting when called after the block is
+    TensorFlow's business, so call it inside)."""
     if not active:
         yield
         return
