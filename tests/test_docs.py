@@ -165,7 +165,6 @@ def test_the_rna_suite_table_is_the_one_the_suite_wrote():
     assert _tables(section)[:2] == _tables(rendered)[:2]
 
 
-
 FASHION = os.path.join(ROOT, "docs", "fashion_mnist")
 
 

@@ -118,7 +118,8 @@ class ResumeState:
     outcomes), `correct` ((row, column) -> per-image bool), `labels`, `clean` (column ->
     per-image bool), `sanity` (the sanity checks of a finished run, else None),
     `sanity_parts` (name -> per-image bool of each check's attack that finished, so that
-    stopped checks resume), `saved` (the whole results.json) and `path`. Item access (`state["rows"]`) reads the same attributes.
+    stopped checks resume), `saved` (the whole results.json) and `path`. Item access
+    (`state["rows"]`) reads the same attributes.
     """
 
     def __init__(self, saved: dict, arrays: dict, path: str):
