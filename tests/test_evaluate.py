@@ -338,6 +338,65 @@ def test_resume_runs_only_the_missing_rows_and_matches_an_uninterrupted_run(
     assert "carried over from an earlier run" in md and "Incomplete" not in md
 
 
+def test_a_run_stopped_inside_a_row_resumes_after_the_rows_last_batch(
+        shaped_model, digits, config, tmp_path, monkeypatch):
+    """Stopped after 4 of the adaptive PGD row's 9 batches (3 columns x 3 batches of 20), the folder
+    keeps those 4; the resumed run attacks only the other 5 and ends with the uninterrupted
+    run's table, per-image outcomes and distances."""
+    settings = evaluate.Settings(**{**FAST, "attacks": ("adaptive", "fgsm"), "sanity": False})
+    original, calls = evaluate.Suite.generator, []
+
+    def counting(stop_after):
+        def generator(self, key, mode):
+            fn = original(self, key, mode)
+
+            def run(x, y, i):
+                if len(calls) == stop_after:
+                    raise KeyboardInterrupt
+                calls.append((key, mode, int(i)))
+                return fn(x, y, i)
+            return run
+        return generator
+
+    def evaluate_into(folder, previous=None):
+        return evaluate.evaluate(shaped_model, digits, config, settings, out=lambda *_: None,
+                                 previous=previous, on_row=lambda partial, arrays:
+                                 evaluate.write_results(partial, str(folder), arrays))
+
+    monkeypatch.setattr(evaluate.Suite, "generator", counting(4))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_into(tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == []
+    assert saved["incomplete"]["pending_attacks"] == ["adaptive", "fgsm"]
+    assert saved["incomplete"]["row_in_progress"] == {
+        "key": "adaptive", "batches": [3, 1], "of": 3,
+        "seconds": saved["incomplete"]["row_in_progress"]["seconds"]}
+    assert "adaptive: 3 + 1 of 3 batches per generation made" in \
+        (tmp_path / "results.md").read_text()
+    first = list(calls)
+    expected = {**{k: saved[k] for k in ("num_examples", "dataset", "model", "columns")},
+                "checkpoint": None, "settings": saved["settings"]}
+    calls.clear()
+    monkeypatch.setattr(evaluate.Suite, "generator", counting(None))
+    resumed = evaluate_into(tmp_path, evaluate.load_previous(str(tmp_path), expected))
+    row_calls = [c for c in calls if c[0] == "adaptive"]
+    assert len(first) == 4 and len(row_calls) == 5 and not set(first) & set(row_calls)
+    with np.load(tmp_path / "per_image.npz") as z:
+        resumed_arrays = {k: z[k] for k in z.files}
+    assert not any(k.startswith("partial__") for k in resumed_arrays)
+    monkeypatch.setattr(evaluate.Suite, "generator", original)
+    straight = evaluate_into(tmp_path / "straight")
+    assert "incomplete" not in resumed
+    for part in ("clean", "worst_case"):
+        assert resumed[part] == straight[part], part
+    assert [(r["key"], r["accuracy"], r["perturbation"]) for r in resumed["rows"]] == \
+        [(r["key"], r["accuracy"], r["perturbation"]) for r in straight["rows"]]
+    with np.load(tmp_path / "straight" / "per_image.npz") as z:
+        assert {k: z[k].tolist() for k in z.files} == \
+            {k: v.tolist() for k, v in resumed_arrays.items()}
+
+
 def test_resume_refuses_other_settings_or_other_predictions(shaped_model, digits, config,
                                                            tmp_path, monkeypatch):
     same = _interrupt(shaped_model, digits, config, tmp_path, monkeypatch, "pgd")

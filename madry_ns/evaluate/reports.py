@@ -35,8 +35,13 @@ def markdown(result: dict) -> str:
     if "incomplete" in result:
         todo = result["incomplete"]["pending_attacks"] + (
             ["the sanity checks"] if result["incomplete"]["sanity_pending"] else [])
+        inside = result["incomplete"].get("row_in_progress")
+        made = (f" ({inside['key']}: {' + '.join(map(str, inside['batches']))} of "
+                f"{inside['of']} batches per generation made, kept for --resume)"
+                if inside else "")
         lines += [f"**Incomplete**: the evaluation is still running or was stopped; still to "
-                  f"run: {', '.join(todo)}. The worst case covers only the rows below.", ""]
+                  f"run: {', '.join(todo)}{made}. The worst case covers only the rows below.",
+                  ""]
     lines += ["Accuracy (%) of each attack's examples under each inference mode (columns).",
               "", "| attack | " + " | ".join(short[m] for m in modes) + " | seconds |",
               "|---|" + "---|" * (len(modes) + 1),

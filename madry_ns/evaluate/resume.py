@@ -23,6 +23,9 @@ _RESUME_IGNORED = ("attacks", "sanity")
 _IDENTITY_KEYS = ("checkpoint", "num_examples", "dataset", "model", "columns")
 # per_image.npz names of the sanity checks' attacks (`sanity.Parts`), kept for a resume.
 SANITY_PREFIX = "sanity__"
+# per_image.npz names of the batches made so far of the row a stopped run was inside
+# (`RowParts`): `partial__G__correct__COLUMN` and `partial__G__move__STAT` for generation G.
+PARTIAL_PREFIX = "partial__"
 # Column names of results folders written before the columns took the config's vocabulary.
 _OLD_COLUMNS = {"bn": "batch", "pn": "population"}
 
@@ -111,6 +114,55 @@ def read_suite(output_dir: str, who: str) -> tuple | None:
     return saved, arrays, path
 
 
+class RowParts:
+    """What one row has made so far, batch by batch and per generation (a row made through
+    each column's forward has one generation per column): each judged column's per-image
+    outcomes and each image's distances (the suite's `_moves`). Saved after every batch, so
+    that a run stopped inside a long row (EOT through BN+Shaping: 356 s per 100
+    Fashion-MNIST images in docs/fashion_mnist.md's probe) resumes after its last finished
+    batch; the batches' attacks are seeded by batch index, so the resumed row equals an
+    uninterrupted one."""
+
+    def __init__(self, key: str, saved: dict | None = None, seconds: float = 0.0):
+        self.key, self.seconds = key, float(seconds)
+        # generation -> name -> [arrays, one per batch (one for all batches saved earlier)]
+        self.parts = {g: {name: [v] for name, v in names.items()}
+                      for g, names in (saved or {}).items()}
+
+    def batches_done(self, g: int, sizes: list) -> int:
+        """How many leading batches (of `sizes` images each) generation g already has;
+        a count that does not end on a batch boundary is a ConfigError (another batching)."""
+        images = sum(map(len, next(iter(self.parts[g].values())))) if g in self.parts else 0
+        made = np.cumsum([0] + list(sizes))
+        if images not in made:
+            raise ConfigError(f"--resume: row {self.key} was stopped after {images} images "
+                              f"of generation {g}, not a whole number of this run's batches "
+                              f"({sizes}); drop --resume")
+        return int(np.searchsorted(made, images))
+
+    def add(self, g: int, values: dict) -> None:
+        """One more batch of generation g: {'correct__COLUMN' or 'move__STAT': array}."""
+        for name, v in values.items():
+            self.parts.setdefault(g, {}).setdefault(name, []).append(np.asarray(v))
+
+    def get(self, g: int, name: str) -> np.ndarray:
+        return np.concatenate(self.parts[g][name])
+
+    def arrays(self) -> dict:
+        """The parts as per_image.npz arrays (`PARTIAL_PREFIX`)."""
+        return {f"{PARTIAL_PREFIX}{g}__{name}": np.concatenate(v)
+                for g, names in self.parts.items() for name, v in names.items()}
+
+    @classmethod
+    def from_arrays(cls, key: str, arrays: dict, seconds: float) -> "RowParts":
+        saved: dict = {}
+        for name, value in arrays.items():
+            if name.startswith(PARTIAL_PREFIX):
+                g, rest = name[len(PARTIAL_PREFIX):].split("__", 1)
+                saved.setdefault(int(g), {})[rest] = value
+        return cls(key, saved, seconds)
+
+
 class ResumeState:
     """The rows of an earlier run that this run may reuse.
 
@@ -118,7 +170,8 @@ class ResumeState:
     outcomes), `correct` ((row, column) -> per-image bool), `labels`, `clean` (column ->
     per-image bool), `sanity` (the sanity checks of a finished run, else None),
     `sanity_parts` (name -> per-image bool of each check's attack that finished, so that
-    stopped checks resume), `saved` (the whole results.json) and `path`. Item access
+    stopped checks resume), `in_row` (the `RowParts` of the row the run was stopped inside,
+    or None), `saved` (the whole results.json) and `path`. Item access
     (`state["rows"]`) reads the same attributes.
     """
 
@@ -128,7 +181,7 @@ class ResumeState:
         self.sanity_parts = {name[len(SANITY_PREFIX):]: value for name, value in arrays.items()
                              if name.startswith(SANITY_PREFIX)}
         for name, value in arrays.items():
-            if "__" in name and not name.startswith(("clean__", SANITY_PREFIX)):
+            if "__" in name and not name.startswith(("clean__", SANITY_PREFIX, PARTIAL_PREFIX)):
                 key, mode = name.split("__", 1)
                 self.correct[(key, mode)] = value
         self.rows = {r["key"]: r for r in saved.get("rows", [])
@@ -137,6 +190,14 @@ class ResumeState:
         self.clean = {k.split("__", 1)[1]: v for k, v in arrays.items()
                       if k.startswith("clean__")}
         self.sanity = None if "incomplete" in saved else saved.get("sanity")
+        inside = (saved.get("incomplete") or {}).get("row_in_progress")
+        self.in_row = RowParts.from_arrays(inside["key"], arrays, inside["seconds"]) \
+            if inside else None
+
+    def row_parts(self, key: str) -> RowParts:
+        """The batches of row `key` an earlier run made before it was stopped (none unless
+        it was stopped inside that row)."""
+        return self.in_row if self.in_row and self.in_row.key == key else RowParts(key)
 
     def __getitem__(self, name: str):
         return getattr(self, name)

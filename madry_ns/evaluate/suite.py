@@ -399,7 +399,7 @@ def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
     suite = Suite(model, config, dataset, settings)
     test_batches = batches(dataset, config)
     y_all = np.concatenate([y for _, y in test_batches])
-    n = len(y_all)
+    n, sizes = len(y_all), [len(y) for _, y in test_batches]
     modes = suite.columns
     correct: dict = {}  # (row, mode) -> [n] bool
     done, total_start = [], time.perf_counter()
@@ -430,24 +430,39 @@ def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
             correct.update({(key, m): previous["correct"][(key, m)] for m in cols})
             out(_row_line(config, key, reused[key]["accuracy"], "from --resume"))
             continue
-        start = time.perf_counter()
+        parts = previous.row_parts(key) if previous else resume.RowParts(key)
+        start = time.perf_counter() - parts.seconds  # a resumed row counts its earlier time
         groups = _generations(suite, row, cols)
         bar = Progress(len(test_batches) * len(groups), key)
         cells, distances = {}, []
-        for gen, judged in groups:
-            fn = suite.generator(key, gen)
-            x_adv, robust = [], []
-            for i, (x, y) in enumerate(test_batches):
+        pending = [k for k in settings.attacks[position:] if ROW[k].cells(settings, modes)]
+        for g, (gen, judged) in enumerate(groups):
+            fn, first = None, parts.batches_done(g, sizes)
+            bar.update(first)
+            for i, (x, y) in enumerate(test_batches[first:], start=first):
+                fn = fn or suite.generator(key, gen)
                 tf = suite.tf
                 adv = fn(tf.constant(x), tf.constant(y, tf.int64), tf.constant(i, tf.int64))
                 if row.judged_by_attack:
                     adv, hit = adv
-                    robust.append(hit.numpy())
-                x_adv.append(adv.numpy())
+                    outcomes = {m: hit.numpy() for m in judged}
+                else:
+                    adv = adv.numpy()
+                    outcomes = {m: suite.classify(m, adv, i) == y for m in judged}
+                parts.add(g, {**{f"correct__{m}": v for m, v in outcomes.items()},
+                              **{f"move__{k}": v for k, v in _moves(np.asarray(adv), x).items()}})
                 bar.update()
-            distances.append(_distances(x_adv, test_batches, n))
+                if on_row is not None:  # a row can take an hour: keep every batch it made
+                    parts.seconds = time.perf_counter() - start
+                    inside = {"key": key, "seconds": round(parts.seconds, 2),
+                              "batches": [parts.batches_done(h, sizes) for h in parts.parts],
+                              "of": len(sizes)}
+                    on_row({**summary(), "incomplete": {
+                        "pending_attacks": pending, "sanity_pending": settings.sanity,
+                        "row_in_progress": inside}}, {**arrays(), **parts.arrays()})
+            distances.append(_distances(parts, g))
             for m in judged:
-                correct[(key, m)] = np.concatenate(robust) if robust else classify_all(x_adv, m)
+                correct[(key, m)] = parts.get(g, f"correct__{m}")
                 cells[m] = float(correct[(key, m)].mean())
         bar.close()
         seconds = time.perf_counter() - start
@@ -458,7 +473,7 @@ def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
                      "accuracy": cells, "perturbation": distances[0] if len(distances) == 1
                      else {m: moved[m] for m in cols}, "seconds": round(seconds, 2)})
         out(_row_line(config, key, cells, f"{seconds:.1f} s"))
-        pending = [k for k in settings.attacks[position + 1:] if ROW[k].cells(settings, modes)]
+        pending = pending[1:]
         if on_row is not None and pending:
             on_row({**summary(), "incomplete": {"pending_attacks": pending,
                                                 "sanity_pending": settings.sanity}}, arrays())
@@ -511,18 +526,25 @@ def _generations(suite: Suite, row, cols: list) -> list:
     return [(mode, [m for m in cols if column_parts(m)[0] == mode]) for mode in modes]
 
 
-def _distances(x_adv: list, test_batches: list, n: int) -> dict:
-    """How far a row's examples moved (0-255 scale)."""
-    d = np.concatenate([a - x for a, (x, _) in zip(x_adv, test_batches)]).reshape(n, -1)
-    l2 = np.sqrt((d ** 2).sum(1))
+def _moves(adv: np.ndarray, x: np.ndarray) -> dict:
+    """Per image of a batch, how far its example moved (0-255 scale) and its pixel range."""
+    d = (adv - x).reshape(len(x), -1)
+    flat = adv.reshape(len(x), -1)
+    return {"l2": np.sqrt((d ** 2).sum(1)), "linf": np.abs(d).max(1), "low": flat.min(1),
+            "high": flat.max(1)}
+
+
+def _distances(parts, g: int) -> dict:
+    """How far a generation's examples moved (0-255 scale), from its per-image `_moves`."""
+    l2 = parts.get(g, "move__l2")
     # CW returns the clean image where it found nothing: the median over all images would
     # then read 0, so the perturbed images are counted apart.
     moved = l2 > 0
-    return {"linf_max": float(np.abs(d).max()), "l2_median": float(np.median(l2)),
-            "perturbed": float(moved.mean()),
+    return {"linf_max": float(parts.get(g, "move__linf").max()),
+            "l2_median": float(np.median(l2)), "perturbed": float(moved.mean()),
             "l2_median_perturbed": float(np.median(l2[moved])) if moved.any() else None,
-            "pixel_min": float(min(a.min() for a in x_adv)),
-            "pixel_max": float(max(a.max() for a in x_adv))}
+            "pixel_min": float(parts.get(g, "move__low").min()),
+            "pixel_max": float(parts.get(g, "move__high").max())}
 
 
 def _row_line(config, key: str, cells: dict, note: str) -> str:
