@@ -6,9 +6,13 @@ offline); each test that needs data gets its own small set in `tmp_path`.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import pickle
+import shutil
 import struct
+import tempfile
 
 # Before anything imports TensorFlow: keep its C++ banner out of the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -168,11 +172,98 @@ def tiny_config():
     return make_tiny_config
 
 
+# ----- test order and scheduling ----------------------------------------------------------
+#
+# Two things decide how long the suite takes on CI's two workers: the minutes-long tests must
+# start early, and a module fixture that trains a model must be built once, not once per worker
+# (xdist's default `load` scheduling sends a module's tests to both workers, so each builds it).
+# `--dist loadscope` keeps fixtures on one worker but also keeps whole modules together: on a
+# clean clone it left one worker alone for the last minutes (1,604 s in all, against 1,518 s
+# with the default). `--dist loadgroup` cannot help: xdist 3.8 marks a group by rewriting
+# `item._nodeid`, which pytest 9 no longer reads. So the hooks below schedule by shared
+# fixture: the tests that share a module-scoped fixture of their own module are one unit of
+# work on one worker, every other test is a unit of its own, and units go out largest first.
+
+_GROUPS_KEY = "madry_ns_shared_fixture_groups"
+
+
+def shared_fixture_groups(items) -> dict:
+    """{nodeid: unit} for the tests that share a module-scoped fixture defined in their own
+    module; tests sharing such a fixture, directly or through another, get the same unit."""
+    parent = {}
+
+    def find(name):
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    uses = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        module = getattr(item, "module", None)
+        if info is None or module is None:
+            continue
+        module_id = item.nodeid.split("::", 1)[0]
+        names = sorted(f"{module_id}::{name}" for name, defs in info.name2fixturedefs.items()
+                       if defs[-1].scope == "module" and defs[-1].baseid == module_id)
+        if names:
+            uses[item.nodeid] = names
+            for name in names[1:]:
+                parent[find(name)] = find(names[0])
+    return {nodeid: find(names[0]) for nodeid, names in uses.items()}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow (end-to-end) tests first: with one worker per core, the minutes-long ones then
-    overlap the many short ones instead of leaving one worker busy at the end. (Keeping each
-    module on one worker, `--dist loadscope`, builds each module fixture once, but on a clean
-    clone it left one worker alone for the last minutes, running the synchronized-BN test:
-    1,604 s in all, against 1,518 s for the previous CI with this order. That test is now
-    marked slow.)"""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Put the largest units first: tests that share a module fixture, then the slow
+    (end-to-end) tests, then the rest; xdist then hands out units in this order. A worker
+    writes its units for the controller's scheduler (below)."""
+    groups = shared_fixture_groups(items)
+    items.sort(key=lambda item: (item.nodeid not in groups,
+                                 item.get_closest_marker("slow") is None))
+    folder = getattr(config, "workerinput", {}).get(_GROUPS_KEY)
+    if folder:
+        target = os.path.join(folder, config.workerinput["workerid"] + ".json")
+        with open(target + ".tmp", "w") as f:
+            json.dump(groups, f)
+        os.replace(target + ".tmp", target)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(xdist, controller) Tell each worker where to write its shared-fixture units."""
+    config = node.config
+    if not hasattr(config, "_madry_ns_groups"):
+        config._madry_ns_groups = tempfile.mkdtemp(prefix="madry_ns_test_units_")
+    node.workerinput[_GROUPS_KEY] = config._madry_ns_groups
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_madry_ns_groups", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """(xdist, controller) For the default `--dist load`: one unit per shared fixture (see
+    above), in the workers' collection order. Other `--dist` values keep xdist's schedulers."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        units = None
+
+        def _split_scope(self, nodeid):
+            if self.units is None:
+                folder = getattr(config, "_madry_ns_groups", None)
+                found = sorted(glob.glob(os.path.join(folder, "*.json"))) if folder else []
+                # All workers collect the same tests (xdist checks), so any one file will do;
+                # without one every test is its own unit, as under plain `load`.
+                self.units = {}
+                if found:
+                    with open(found[0]) as f:
+                        self.units = json.load(f)
+            return self.units.get(nodeid, nodeid)
+
+    return SharedFixtureScheduling(config, log)
