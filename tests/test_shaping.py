@@ -353,7 +353,9 @@ def test_shaping_ratio_zero_reproduces_plain_madry_training_exactly(tmp_path, pl
 @pytest.mark.parametrize("kw", [
     dict(shaping_ratio=3),
     dict(shaping_ratio=3, shaping_mode="train_only"),
-    dict(training_method="trades"),
+    # TRADES alone is trained in CI by test_trades_reference and beside shaping below.
+    pytest.param(dict(training_method="trades"), marks=[pytest.mark.slow,
+                                                        pytest.mark.extended]),
     dict(training_method="trades", shaping_ratio=3),
 ])
 def test_every_training_mode_and_method_trains(tmp_path, kw, plain_weights):
