@@ -443,14 +443,12 @@ def _run_suite(model, config, dataset, settings, out, on_row, previous) -> dict:
                 fn = fn or suite.generator(key, gen)
                 tf = suite.tf
                 adv = fn(tf.constant(x), tf.constant(y, tf.int64), tf.constant(i, tf.int64))
-                if row.judged_by_attack:
-                    adv, hit = adv
-                    outcomes = {m: hit.numpy() for m in judged}
-                else:
-                    adv = adv.numpy()
-                    outcomes = {m: suite.classify(m, adv, i) == y for m in judged}
+                adv, hit = adv if row.judged_by_attack else (adv, None)
+                adv = adv.numpy()
+                outcomes = {m: hit.numpy() if hit is not None else suite.classify(m, adv, i) == y
+                            for m in judged}
                 parts.add(g, {**{f"correct__{m}": v for m, v in outcomes.items()},
-                              **{f"move__{k}": v for k, v in _moves(np.asarray(adv), x).items()}})
+                              **{f"move__{k}": v for k, v in _moves(adv, x).items()}})
                 bar.update()
                 if on_row is not None:  # a row can take an hour: keep every batch it made
                     parts.seconds = time.perf_counter() - start
