@@ -12,7 +12,8 @@
 # the script is made to be run in parts and again:
 #   bash docs/experiments/fashion_mnist.sh [train|table1 [NAME...]|table4|fragile|rna|all]
 # * train.py resumes a stopped training from its latest checkpoint and leaves a finished one
-#   alone; the suite runs with --resume (finished rows kept); the Table IV grid keeps every
+#   alone; the suite runs with --resume (it continues after its last finished batch, so it
+#   runs first, before the 10,000-image eval.py, which is one unit); the Table IV grid keeps every
 #   (checkpoint, ratio) cell it finished; the fragile study skips finished rows' training.
 # * As each part finishes, its small result files are copied into docs/fashion_mnist/ (models
 #   stay in $MODELS, outside git), so a later session needs only what is not there yet.
@@ -59,17 +60,17 @@ if [[ $PART == table1 || $PART == all ]]; then
   NAMES=("${@:2}")
   for name in "${NAMES[@]:-${TABLE1[@]}}"; do
     dir=$MODELS/$name
-    if [ ! -f "$dir/clean_10000.txt" ]; then
-      $PY eval.py --once --config "$C/$name.json" --set model_dir="$dir" "${PGD20[@]}" \
-        --set num_eval_examples=10000 | tee "$dir/clean_10000.txt.tmp"
-      mv "$dir/clean_10000.txt.tmp" "$dir/clean_10000.txt"
-    fi
     # Sanity at 2x the steps from 2 random starts (the suite's default 5x from 4 would cost
     # about 4 hours per model through the 1:9 shaped forward on this CPU).
     $PY -m madry_ns.evaluate --config "$C/$name.json" --set model_dir="$dir" "${PGD20[@]}" \
       --set num_eval_examples=$ATTACKED --num_examples $ATTACKED \
       --attacks fgsm,pgd,shaping,adaptive,eot --eot_samples 5 \
       --sanity_step_factor 2 --sanity_restarts 2 --output "$dir/suite" --resume
+    if [ ! -f "$dir/clean_10000.txt" ]; then
+      $PY eval.py --once --config "$C/$name.json" --set model_dir="$dir" "${PGD20[@]}" \
+        --set num_eval_examples=10000 | tee "$dir/clean_10000.txt.tmp"
+      mv "$dir/clean_10000.txt.tmp" "$dir/clean_10000.txt"
+    fi
     copy "table1/$name" "$dir"/suite/results.md "$dir"/suite/results.json \
       "$dir"/suite/per_image.npz "$dir/clean_10000.txt"
   done
