@@ -146,6 +146,7 @@ class RowParts:
             self.parts.setdefault(g, {}).setdefault(name, []).append(np.asarray(v))
 
     def get(self, g: int, name: str) -> np.ndarray:
+        """Generation g's `name` ('correct__COLUMN' or 'move__STAT') over its batches so far."""
         return np.concatenate(self.parts[g][name])
 
     def arrays(self) -> dict:
@@ -155,6 +156,7 @@ class RowParts:
 
     @classmethod
     def from_arrays(cls, key: str, arrays: dict, seconds: float) -> "RowParts":
+        """Row `key`'s parts as `arrays` (per_image.npz) holds them, `seconds` spent so far."""
         saved: dict = {}
         for name, value in arrays.items():
             if name.startswith(PARTIAL_PREFIX):
