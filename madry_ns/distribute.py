@@ -28,6 +28,8 @@ import tempfile
 
 import tensorflow as tf
 
+from madry_ns.graph import graph_function
+
 
 def make_strategy(config) -> tf.distribute.Strategy:
     """The strategy `config.distribution` names (the default strategy for 'none')."""
@@ -105,7 +107,7 @@ def average_bn_statistics(strategy, model) -> None:
         return
     stats = [v for bn in model.bn_layers() for v in (bn.moving_mean, bn.moving_variance)]
 
-    @tf.function
+    @graph_function
     def average():
         local = strategy.run(lambda: [tf.identity(v) for v in stats])
         for var, value in zip(stats, local):

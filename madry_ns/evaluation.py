@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from madry_ns import attacks, checkpoints, data, files, inference, rna, seeds, shaping
+from madry_ns.graph import function_for
 from madry_ns.progress import Progress, is_terminal
 
 POLL_SECONDS = 10
@@ -37,7 +38,7 @@ class Classifier:
         self.config = config
         self.calls = 0
         self.forward = inference.forward(model, config, dataset)
-        self._forward = tf.function(self.forward.classify)
+        self._forward = function_for(model)(self.forward.classify)
 
     def __call__(self, x):
         seed = seeds.pair(self.config.inference_seed, self.calls)
@@ -78,7 +79,7 @@ def make_eval_attack(model, config, classifier: Classifier):
     forward = inference.forward(model, config, None, "population") if through_population \
         else classifier.forward
 
-    @tf.function
+    @function_for(model)
     def attack(x, y, batch_index):
         draw = seeds.reference_draw(config, batch_index)
         return attacks.pgd(lambda z: tf.reduce_sum(loss(forward.attack(z, draw), y)), x,

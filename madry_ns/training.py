@@ -37,6 +37,7 @@ import tensorflow as tf
 from madry_ns import (attacks, checkpoints, data, distribute, files, finetune, rna, seeds,
                       selection, shaping)
 from madry_ns.errors import UserError
+from madry_ns.graph import function_for
 from madry_ns.models import build_model
 
 
@@ -244,11 +245,13 @@ class TrainStep:
         self.bn_stats = [v for bn in model.bn_layers()
                          for v in (bn.moving_mean, bn.moving_variance)]
         self.adversary = attack if attack is not None else TrainingAttack(model, config)
-        self._compute = tf.function(self._compute_fn)
-        self._apply = tf.function(self._apply_fn)
-        self._snapshot = tf.function(
+        # AutoGraph off for the toolkit's own models (why: madry_ns.graph).
+        compile_fn = function_for(model)
+        self._compute = compile_fn(self._compute_fn)
+        self._apply = compile_fn(self._apply_fn)
+        self._snapshot = compile_fn(
             lambda: self.strategy.run(lambda: [tf.identity(v) for v in self.bn_stats]))
-        self._restore = tf.function(self._restore_fn)
+        self._restore = compile_fn(self._restore_fn)
 
     def _replica_compute(self, x, y, step):
         x_train, _ = self.adversary(x, y, step)
@@ -337,7 +340,7 @@ class TrainingStopped(UserError):
 def make_batch_accuracy(model, bn_mode: str = "batch_frozen"):
     """Accuracy on a batch, by default with batch statistics and no moving-average update."""
 
-    @tf.function
+    @function_for(model)
     def accuracy(x, y):
         logits = model(x, bn_mode=bn_mode)
         return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from madry_ns.attacks.losses import get_loss
 from madry_ns.attacks.utils import PIXEL_MAX, PIXEL_MIN, check_params, linf_box
+from madry_ns.graph import function_for
 
 
 def pgd(loss_fn: Callable, x, *, epsilon: float, num_steps: int, step_size: float,
@@ -101,7 +102,7 @@ def compile_pgd(model, config, bn_mode: str = "population"):
     """`fn(x, y, seed) -> x_adv`: PGD with the config's settings as one compiled function."""
     params = config_params(config)
 
-    @tf.function(reduce_retracing=True)
+    @function_for(model)(reduce_retracing=True)
     def attack(x, y, seed):
         return pgd_attack(model, x, y, bn_mode=bn_mode, seed=seed, **params)
 

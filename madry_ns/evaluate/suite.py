@@ -242,9 +242,11 @@ class Suite:
         import tensorflow as tf
 
         from madry_ns import attacks
+        from madry_ns.graph import function_for
 
         config = paths_config(config, model)
         self.tf, self.model, self.config, self.settings = tf, model, config, settings
+        self.compile = function_for(model)  # tf.function; AutoGraph off for toolkit models
         self.random_paths = random_paths(config)
         # The table's columns; the sanity checks run where attack and judge share the forward
         # (on random paths: the attack's own path).
@@ -255,7 +257,7 @@ class Suite:
         self._fresh = config.replace(inference_references="fresh")
         self._forwards = {m: inference.forward(model, self._fresh, dataset, mode_of(m).key)
                           for m in settings.modes}
-        self._classify = {c: tf.function(self.forward(c)) for c in self.columns}
+        self._classify = {c: self.compile(self.forward(c)) for c in self.columns}
         self._compiled: dict = {}
         self.attacks = attacks
 
@@ -306,7 +308,7 @@ class Suite:
             fwd = self.forward(mode, other)
             loss = self.attacks.LOSSES[c.loss_func]
 
-            @self.tf.function
+            @self.compile
             def run(x, y, i):
                 return self.attacks.pgd(
                     lambda z: self.tf.reduce_sum(loss(fwd(z, i), y)), x,
@@ -320,7 +322,7 @@ class Suite:
         if cache not in self._compiled:
             fn = ROW[key].make(self, mode)
             if not hasattr(fn, "get_concrete_function"):  # already compiled (adaptive PGD)
-                fn = self.tf.function(fn)
+                fn = self.compile(fn)
             self._compiled[cache] = fn
         return self._compiled[cache]
 

@@ -128,14 +128,16 @@ class _Compiled:
         import tensorflow as tf
 
         from madry_ns import attacks
+        from madry_ns.graph import function_for
         self.deterministic = not rna.has_rna(model)
         forward = inference.path_forward(model, config)
         bn_mode = inference.get(config.inference_bn).bn_mode
         params = attacks.config_params(config)
         loss = attacks.LOSSES[params["loss_func"]]
         k = 1 if self.deterministic else settings.eot_samples
+        compile_fn = function_for(model)  # tf.function; AutoGraph off for toolkit models
 
-        @tf.function(reduce_retracing=True)
+        @compile_fn(reduce_retracing=True)
         def predict(x, seeds):
             """[R, B] predicted labels, the r-th on the path of seeds[r]."""
             out = tf.TensorArray(tf.int64, size=tf.shape(seeds)[0])
@@ -147,12 +149,12 @@ class _Compiled:
                                    (tf.constant(0), out))
             return out.stack()
 
-        @tf.function(reduce_retracing=True)
+        @compile_fn(reduce_retracing=True)
         def pgd(x, y, path_seed, start_seed):
             model.resample(path_seed)
             return attacks.pgd_attack(model, x, y, bn_mode=bn_mode, seed=start_seed, **params)
 
-        @tf.function(reduce_retracing=True)
+        @compile_fn(reduce_retracing=True)
         def eot(x, y, seed):
             return attacks.eot_pgd(lambda z, s: tf.reduce_sum(loss(forward(z, s), y)), x,
                                    epsilon=config.epsilon, num_steps=config.num_steps,
@@ -160,7 +162,7 @@ class _Compiled:
                                    random_start=config.random_start, seed=seed)
 
         def make_apgd(kind):
-            @tf.function(reduce_retracing=True)
+            @compile_fn(reduce_retracing=True)
             def run(x, y, seed):
                 return attacks.apgd(forward, x, y, epsilon=config.epsilon,
                                     num_steps=settings.apgd_steps, loss=kind, seed=seed,
