@@ -3,10 +3,12 @@
 AutoGraph rewrites the Python source of every function a trace reaches (the model's layers,
 the attack, the loss) so that `if`/`for` on tensors become graph control flow. madry_ns' code
 has none of that: its loops are explicit `tf.while_loop`s and its branches are on Python
-values (BN modes, config settings), so the rewrite changes nothing and costs time: tracing
-the gradient half of a width-1 WRN's PGD training step took 6.4-7.7 s with it and 4.0 s
-without (2 runs each, digits config, 2-core machine), paid once per process and per model. A body that does branch on a
-tensor fails loudly at trace time ("using a tf.Tensor as a Python bool"), never silently.
+values (BN modes, config settings), so the rewrite changes nothing and costs time. AutoGraph
+caches what it converts, so the cost falls on the first trace of each code path in a process:
+every train.py run, evaluation, and script a test starts. `benchmarks/trace_cost.py` measures
+it in fresh processes: a training step's trace takes 0.51-0.78x as long without it
+(`benchmarks/results/trace-cost.md`). A body that does branch on a tensor fails loudly at
+trace time ("using a tf.Tensor as a Python bool"), never silently.
 
 `function_for(model)` picks it for the toolkit's own models and keeps `tf.function`
 (AutoGraph on) for a plain Keras classifier a user brings, whose `call` may need it. Used by

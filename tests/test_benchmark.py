@@ -84,3 +84,37 @@ def test_roofs_alone(capsys):
     assert benchmark.main(["--roofs", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "fp32 matmul 4096^2:" in out and "3x3 convolution [64, 8, 8, 640]" in out
+
+
+def _trace_cost():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                        "trace_cost.py")
+    spec = importlib.util.spec_from_file_location("trace_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trace_cost_table_gives_each_rows_ratio_and_says_which_miss_the_target():
+    trace_cost = _trace_cost()
+    row = {"model": "madry_wrn", "width": 1,
+           "autograph_on": {"trace_s": 10.0, "first_call_s": 5.0},
+           "autograph_off": {"trace_s": 6.0, "first_call_s": 5.1}}
+    report = {"what": "trace", "reps": 3, "target_trace_ratio": 0.75, "machine": "m",
+              "load_average": 1.0, "tensorflow": "2", "time": "t", "command": "c",
+              "rows": [{**row, "settings": {}, "trace_ratio": 0.6, "meets_target": True},
+                       {**row, "settings": {"training_method": "trades"}, "trace_ratio": 0.8,
+                        "meets_target": False}]}
+    lines = trace_cost.markdown(report).splitlines()
+    pgd, trades = [line for line in lines if line.startswith("| madry_wrn")]
+    assert pgd == "| madry_wrn width 1 | PGD | 10.00 | 6.00 | 0.60 | 5.00 | 5.10 |"
+    assert "| 0.80 (missed) |" in trades and "training_method trades" in trades
+
+
+def test_trace_cost_refuses_zero_repetitions(capsys):
+    with pytest.raises(SystemExit):
+        _trace_cost().main(["--reps", "0"])
+    assert "--reps must be at least 1, got 0" in capsys.readouterr().err
