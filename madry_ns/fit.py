@@ -92,6 +92,7 @@ import tensorflow as tf
 from madry_ns import config as config_lib
 from madry_ns import data, distribute, finetune, training
 from madry_ns.errors import ConfigError, UserError
+from madry_ns.models import is_toolkit_model
 
 __all__ = ["AdversarialTrainer", "HParams", "hparams_values", "training_data",
            "resolve_config"]
@@ -179,12 +180,6 @@ class _PlainKeras:
         if self.config.weight_decay_variables == "all":
             return list(self.model.trainable_variables)
         return list(self._kernels)
-
-
-def _is_toolkit_model(model) -> bool:
-    from madry_ns.models import _Classifier
-
-    return isinstance(model, _Classifier)
 
 
 def _effective_config(model, config, toolkit: bool, net) -> config_lib.Config:
@@ -288,7 +283,7 @@ class AdversarialTrainer(keras.Model):
                               f"AdversarialTrainer (fit) writes no checkpoints to select "
                               f"from; use 'none' here, or train with train.py "
                               f"(python -m madry_ns.train), which measures every checkpoint")
-        self.toolkit = _is_toolkit_model(model)
+        self.toolkit = is_toolkit_model(model)
         if not self.toolkit:
             _check_plain_keras(config)
         self.classifier = model

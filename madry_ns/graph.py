@@ -29,6 +29,6 @@ graph_function.__doc__ = ("`tf.function(fn, autograph=False, **kwargs)`, as a ca
 
 def function_for(model):
     """`graph_function` when `model` is one of the toolkit's classifiers, else `tf.function`."""
-    from madry_ns.models import _Classifier
+    from madry_ns.models import is_toolkit_model
 
-    return graph_function if isinstance(model, _Classifier) else tf.function
+    return graph_function if is_toolkit_model(model) else tf.function

@@ -338,6 +338,12 @@ class _Classifier(RandomPaths, keras.Model):
                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
 
 
+def is_toolkit_model(model) -> bool:
+    """Whether `model` is one of the toolkit's classifiers (as opposed to a plain Keras model
+    a user brings)."""
+    return isinstance(model, _Classifier)
+
+
 @keras.saving.register_keras_serializable(package="madry_ns")
 class MadryWRN(_Classifier):
     """Madry's WRN-34 (model.py): 3 stages of 5 pre-activation units, leaky ReLU 0.1.
