@@ -186,10 +186,41 @@ def test_the_fashion_mnist_probe_is_the_one_the_suite_wrote():
         rendered = f.read()
     assert evaluate.markdown(saved) == rendered
     assert saved["dataset"].startswith("fashion_mnist") and saved["num_examples"] == 100
-    section = _fashion_doc().split("## A first probe of the Madry model", 1)[1]
+    section = _fashion_doc().split("## A first probe of the first Madry model", 1)[1]
     assert "`docs/fashion_mnist/pgd7_probe/`" in section
     assert _tables(section)[0] == _tables(rendered)[0]
     with open(os.path.join(folder, "console.txt"), encoding="utf-8") as f:
         console = set(f.read().splitlines())
     quoted = [line for line in section.splitlines() if line.startswith("sanity ")]
     assert len(quoted) == 2 and all(line in console for line in quoted)
+
+
+def _kept_models() -> list:
+    folder = os.path.join(FASHION, "models")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("name", _kept_models())
+def test_each_kept_fashion_mnist_model_is_its_configs_finished_training(name):
+    """docs/fashion_mnist/models/NAME (kept by fashion_mnist.sh, since $MODELS does not
+    survive a session) holds one checkpoint: the final one of the config the doc names, with
+    every setting of configs/fashion_mnist/NAME.json apart from model_dir, and the step its
+    optimizer counted is max_num_training_steps."""
+    import tensorflow as tf
+
+    folder = os.path.join(FASHION, "models", name)
+    norm = re.fullmatch(r"rna_(\w+)", name)
+    source = os.path.join(ROOT, "configs", "fashion_mnist",
+                          "rna_resnet20.json" if norm else f"{name}.json")
+    expected = config.load(source, [f"norm_layer={norm.group(1)}"] if norm else [])
+    kept = config.load(os.path.join(folder, "config.json"))
+    differ = {k for k, v in kept.to_dict().items() if expected.to_dict()[k] != v}
+    assert differ == {"model_dir"}
+    path = tf.train.latest_checkpoint(folder)
+    assert path == os.path.join(folder, f"checkpoint-{expected.max_num_training_steps}")
+    reader = tf.train.load_checkpoint(path)
+    steps = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+             if k.startswith("optimizer/_iterations/")]
+    assert steps == [expected.max_num_training_steps]
+    with open(os.path.join(folder, "train.log"), encoding="utf-8") as f:
+        assert f"Step {expected.max_num_training_steps - 100}:" in f.read()

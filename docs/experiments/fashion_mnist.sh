@@ -10,18 +10,25 @@
 #
 # The work is long (about 25 minutes per adversarial training on 2 CPU cores, 24 trainings), so
 # the script is made to be run in parts and again:
-#   bash docs/experiments/fashion_mnist.sh [train|table1 [NAME...]|table4|fragile|rna|all]
+#   bash docs/experiments/fashion_mnist.sh [train [NAME...]|table1 [NAME...]|table4|fragile|rna|all]
 # * train.py resumes a stopped training from its latest checkpoint and leaves a finished one
 #   alone; the suite runs with --resume (it continues after its last finished batch, so it
 #   runs first, before the 10,000-image eval.py, which is one unit); the Table IV grid keeps every
-#   (checkpoint, ratio) cell it finished; the fragile study skips finished rows' training.
-# * As each part finishes, its small result files are copied into docs/fashion_mnist/ (models
-#   stay in $MODELS, outside git), so a later session needs only what is not there yet.
-# Run from the repository root. PYTHON defaults to .venv/bin/python.
+#   (checkpoint, ratio) cell it finished; the fragile study runs row by row, and each finished
+#   row (its checkpoint and evaluation) is kept in docs/fashion_mnist/fragile/models/KEY.
+# * Nothing a later session needs is left only in $MODELS, which a new machine does not have:
+#   each finished training's final checkpoint (2.2 MB: weights, BN statistics, momentum, step)
+#   and its console log are kept in docs/fashion_mnist/models/NAME and put back into $MODELS
+#   when missing there, so train.py finds the training finished and the suites resume on the
+#   very weights they started with (--resume checks the clean predictions image by image). The
+#   suites, the Table IV grid and rna_eval.py write straight into docs/fashion_mnist/ (small files, each
+#   written atomically after every batch or cell), so a stopped part is in git as far as it got.
+# Run from the repository root. PYTHON defaults to .venv/bin/python, MODELS to
+# models/fashion_mnist, DOCS (where results and kept models go) to docs/fashion_mnist.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 MODELS=${MODELS:-models/fashion_mnist}
-DOCS=docs/fashion_mnist
+DOCS=${DOCS:-docs/fashion_mnist}
 C=configs/fashion_mnist
 PART=${1:-all}
 # Clean accuracy on all 10,000 test images; attacks on the first 1,000.
@@ -31,9 +38,42 @@ ATTACKED=1000
 # PGD-7, so PGD-7 is too weak a reading here. The fragile and RNA parts use the same attack.
 PGD20=(--set num_steps=20 --set step_size=2.55)
 
+KEPT=$DOCS/models
+keep() {  # keep DIR KEPT [FILE...]: DIR's latest checkpoint, its config and FILEs, into KEPT
+  local dir=$1 kept=$2 latest; shift 2
+  latest=$(sed -n 's/^model_checkpoint_path: "\(.*\)"$/\1/p' "$dir/checkpoint")
+  rm -rf "$kept.tmp" && mkdir -p "$kept.tmp"
+  cp "$dir/$latest".* "$dir/config.json" "$@" "$kept.tmp"/
+  printf 'model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' \
+    "$latest" "$latest" > "$kept.tmp/checkpoint"
+  rm -rf "$kept" && mv "$kept.tmp" "$kept"
+}
+
+putback() {  # putback KEPT DIR: a kept model back where the tools look for it, if missing there
+  if [ -f "$1/checkpoint" ] && [ ! -f "$2/checkpoint" ]; then
+    mkdir -p "$2" && cp "$1"/* "$2"/
+  fi
+}
+
+finished() {  # finished NAME...: each training's model in $MODELS, put back from docs/ if need be
+  local name
+  for name in "$@"; do
+    if [ ! -f "$KEPT/$name/checkpoint" ]; then
+      echo "fashion_mnist.sh: $name has not finished training (no $KEPT/$name); run 'train' first" >&2
+      return 1
+    fi
+    putback "$KEPT/$name" "$MODELS/$name"
+  done
+}
+
 train() {  # train CONFIG NAME [--set ...]: resumes, or does nothing once finished
   local config=$1 name=$2; shift 2
-  $PY train.py --config "$config" --set model_dir="$MODELS/$name" "$@"
+  local dir=$MODELS/$name
+  putback "$KEPT/$name" "$dir"
+  mkdir -p "$dir"
+  $PY train.py --config "$config" --set model_dir="$dir" "$@" 2>&1 | tee -a "$dir/train.log"
+  # train.py returned, so the training is finished (a stopped one exits non-zero)
+  [ -f "$KEPT/$name/checkpoint" ] || keep "$dir" "$KEPT/$name" "$dir/train.log"
 }
 
 copy() {  # copy DEST FILE...: small result files into docs/
@@ -45,8 +85,12 @@ copy() {  # copy DEST FILE...: small result files into docs/
 # Table I's four models, and shaping at the training ratios 1:1 and 1:7 for Table IV. The PGD
 # family first: with it, Table I's PGD rows and the whole Table IV can run before TRADES is done.
 TABLE1=(madry_pgd shaping_pgd trades shaping_trades)
+TRAININGS=(madry_pgd shaping_pgd shaping_pgd_r1 shaping_pgd_r7 trades shaping_trades)
 if [[ $PART == train || $PART == all ]]; then
-  for name in madry_pgd shaping_pgd shaping_pgd_r1 shaping_pgd_r7 trades shaping_trades; do
+  # `train NAME...` trains only those: two such lanes, each with its own models, use the two
+  # cores better than one (ResNet-20's small convolutions leave one process short of both).
+  NAMES=("${@:2}")
+  for name in "${NAMES[@]:-${TRAININGS[@]}}"; do
     train "$C/$name.json" "$name"
   done
 fi
@@ -59,41 +103,60 @@ if [[ $PART == table1 || $PART == all ]]; then
   # `table1 NAME...` evaluates only those models (e.g. the PGD pair while TRADES trains).
   NAMES=("${@:2}")
   for name in "${NAMES[@]:-${TABLE1[@]}}"; do
+    finished "$name"
     dir=$MODELS/$name
+    out=$DOCS/table1/$name
+    mkdir -p "$out"
     # Sanity at 2x the steps from 2 random starts (the suite's default 5x from 4 would cost
     # about 4 hours per model through the 1:9 shaped forward on this CPU).
     $PY -m madry_ns.evaluate --config "$C/$name.json" --set model_dir="$dir" "${PGD20[@]}" \
       --set num_eval_examples=$ATTACKED --num_examples $ATTACKED \
       --attacks fgsm,pgd,shaping,adaptive,eot --eot_samples 5 \
-      --sanity_step_factor 2 --sanity_restarts 2 --output "$dir/suite" --resume
-    if [ ! -f "$dir/clean_10000.txt" ]; then
+      --sanity_step_factor 2 --sanity_restarts 2 --output "$out/suite" --resume \
+      2>&1 | tee -a "$out/suite_console.txt"
+    if [ ! -f "$out/clean_10000.txt" ]; then
       $PY eval.py --once --config "$C/$name.json" --set model_dir="$dir" "${PGD20[@]}" \
-        --set num_eval_examples=10000 | tee "$dir/clean_10000.txt.tmp"
-      mv "$dir/clean_10000.txt.tmp" "$dir/clean_10000.txt"
+        --set num_eval_examples=10000 | tee "$out/clean_10000.txt.tmp"
+      mv "$out/clean_10000.txt.tmp" "$out/clean_10000.txt"
     fi
-    copy "table1/$name" "$dir"/suite/results.md "$dir"/suite/results.json \
-      "$dir"/suite/per_image.npz "$dir/clean_10000.txt"
   done
 fi
 
 # Table IV: the training ratios 1:0 (Madry), 1:1, 1:3 and 1:7 against the inference ratios
 # 1:0 ... 1:49, PGD generated on PN beside the exact adaptive PGD; clean on 10,000 images.
 if [[ $PART == table4 || $PART == all ]]; then
+  finished madry_pgd shaping_pgd_r1 shaping_pgd shaping_pgd_r7
   $PY -m madry_ns.studies.shaping --config "$C/shaping_pgd.json" "${PGD20[@]}" \
     --set num_eval_examples=10000 \
     --attack_examples $ATTACKED \
     --checkpoints "$MODELS/madry_pgd" "$MODELS/shaping_pgd_r1" "$MODELS/shaping_pgd" \
-    "$MODELS/shaping_pgd_r7" --labels "1:0" "1:1" "1:3" "1:7" --output "$MODELS/table4"
-  copy table4 "$MODELS"/table4/ablation.{md,json,png}
+    "$MODELS/shaping_pgd_r7" --labels "1:0" "1:1" "1:3" "1:7" --output "$DOCS/table4"
 fi
 
 # Table 2 of the fragile-features paper (its 12 regimes, both readings of BN ONLY PARAMS), and
 # the folded-BN analysis (m/b) of NORMAL, ADV and BN PARAMS.
 if [[ $PART == fragile || $PART == all ]]; then
-  $PY -m madry_ns.studies.fragile configs/fragile/fashion_mnist --output "$MODELS/fragile" \
-    --num_robust_examples $ATTACKED --pgd_steps 20 --pgd_step_size 2.55
-  copy fragile "$MODELS"/fragile/table.{md,json} \
-    "$MODELS"/fragile/bn_analysis/{summary.json,bn_layers.csv,mean_m_per_layer.png}
+  F=configs/fragile/fashion_mnist
+  FARGS=(--num_robust_examples $ATTACKED --pgd_steps 20 --pgd_step_size 2.55)
+  # One row at a time, so each finished row (its final checkpoint and its evaluation,
+  # fragile_eval.json) is kept in docs/ at once; NORMAL first, the fine-tuned rows start from it.
+  # The models live where the configs put them (model_dir models/fragile_fashion_mnist/KEY).
+  for key in normal normal_bn_only normal_bn_only_logits_conv1 adv adv_bn_only \
+      adv_bn_only_logits_conv1 bn_stats bn_stats_reset bn_only_params bn_only_params_batch \
+      bn_params bn_params_logits_conv1; do
+    dir=models/fragile_fashion_mnist/$key kept=$DOCS/fragile/models/$key
+    putback "$kept" "$dir"
+    if [ ! -f "$kept/fragile_eval.json" ]; then
+      mkdir -p "$dir"
+      $PY -m madry_ns.studies.fragile "$F" --rows "$key" --no_analysis \
+        --output "$MODELS/fragile_rows/$key" "${FARGS[@]}" 2>&1 | tee -a "$dir/train.log"
+      keep "$dir" "$kept" "$dir/fragile_eval.json" "$dir/train.log"
+    fi
+  done
+  # Every row is cached now: the table of all twelve, and the analysis of NORMAL, ADV, BN PARAMS.
+  $PY -m madry_ns.studies.fragile "$F" --output "$MODELS/fragile" "${FARGS[@]}"
+  copy fragile "$MODELS"/fragile/table.{md,json}
+  copy fragile/bn_analysis "$MODELS"/fragile/bn_analysis/{summary.json,bn_layers.csv,mean_m_per_layer.png}
 fi
 
 # RNA against the same network with plain BN, under the four protocols, R = 10 fresh paths.
@@ -102,11 +165,11 @@ if [[ $PART == rna || $PART == all ]]; then
     SET=(--set model_dir="$MODELS/rna_$norm" --set norm_layer=$norm)
     train "$C/rna_resnet20.json" "rna_$norm" --set norm_layer=$norm
     # rna_eval.py appends one line when it has finished: skipped once that line is there.
-    if [ ! -f "$MODELS/rna_$norm/rna_eval.jsonl" ]; then
+    if [ ! -f "$DOCS/rna/$norm/rna_eval.jsonl" ]; then
+      mkdir -p "$DOCS/rna/$norm"
       $PY rna_eval.py --config "$C/rna_resnet20.json" "${SET[@]}" \
         --set num_eval_examples=$ATTACKED --set num_steps=20 --set step_size=2.55 \
-        --repeats 10 --eot_samples 10 --apgd_steps 100 --output "$MODELS/rna_$norm/rna_eval.jsonl"
+        --repeats 10 --eot_samples 10 --apgd_steps 100 --output "$DOCS/rna/$norm/rna_eval.jsonl"
     fi
-    copy "rna/$norm" "$MODELS/rna_$norm/rna_eval.jsonl"
   done
 fi
