@@ -193,6 +193,18 @@ def test_the_fashion_mnist_probe_is_the_one_the_suite_wrote():
         console = set(f.read().splitlines())
     quoted = [line for line in section.splitlines() if line.startswith("sanity ")]
     assert len(quoted) == 2 and all(line in console for line in quoted)
+    # The retrained model's recheck: the same rows, image count and distances as the probe's.
+    with open(os.path.join(folder, "recheck", "results.json"), encoding="utf-8") as f:
+        again = json.load(f)
+    with open(os.path.join(folder, "recheck", "results.md"), encoding="utf-8") as f:
+        assert evaluate.markdown(again) == f.read()
+    assert again["checkpoint"] == saved["checkpoint"] and again["num_examples"] == 100
+    assert again["clean"] == saved["clean"]
+    probe = {row["key"]: row for row in saved["rows"]}
+    assert [row["key"] for row in again["rows"]] == ["fgsm", "pgd"]
+    for row in again["rows"]:
+        assert {k: v for k, v in row.items() if k != "seconds"} == \
+            {k: v for k, v in probe[row["key"]].items() if k != "seconds"}, row["key"]
 
 
 def _kept_models() -> list:
@@ -224,3 +236,32 @@ def test_each_kept_fashion_mnist_model_is_its_configs_finished_training(name):
     assert steps == [expected.max_num_training_steps]
     with open(os.path.join(folder, "train.log"), encoding="utf-8") as f:
         assert f"Step {expected.max_num_training_steps - 100}:" in f.read()
+
+
+TABLE1 = sorted(glob.glob(os.path.join(FASHION, "table1", "*", "suite", "results.json")))
+
+
+@pytest.mark.parametrize("path", TABLE1, ids=lambda p: p.split(os.sep)[-3])
+def test_the_fashion_mnist_table1_is_the_one_the_suite_wrote(path):
+    """docs/fashion_mnist.md's Table I section for model NAME copies the table of
+    docs/fashion_mnist/table1/NAME/suite (the suite's own rendering of its results.json, made
+    on the kept model), and quotes eval.py's clean accuracy on 10,000 images once it is there."""
+    from madry_ns import evaluate
+
+    folder = os.path.dirname(os.path.dirname(path))
+    name = os.path.basename(folder)
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    with open(os.path.join(os.path.dirname(path), "results.md"), encoding="utf-8") as f:
+        rendered = f.read()
+    assert evaluate.markdown(saved) == rendered
+    assert saved["checkpoint"].endswith(f"/{name}/checkpoint-900")
+    assert saved["num_examples"] == 1000
+    section = _fashion_doc().split("\n## Table I", 1)[1].split("\n## ", 1)[0]
+    section = section.split(f"\n### {name}\n", 1)[1].split("\n### ", 1)[0]
+    assert _tables(section)[0] == _tables(rendered)[0]
+    clean = os.path.join(folder, "clean_10000.txt")
+    if os.path.exists(clean):
+        with open(clean, encoding="utf-8") as f:
+            natural = [line.strip() for line in f if line.strip().startswith("natural:")]
+        assert natural and natural[-1] in section
