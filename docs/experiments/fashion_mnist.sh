@@ -20,9 +20,10 @@
 #   each finished training's final checkpoint (2.2 MB: weights, BN statistics, momentum, step)
 #   and its console log are kept in docs/fashion_mnist/models/NAME and put back into $MODELS
 #   when missing there, so train.py finds the training finished and the suites resume on the
-#   very weights they started with (--resume checks the clean predictions image by image). The
-#   suites, the Table IV grid and rna_eval.py write straight into docs/fashion_mnist/ (small files, each
-#   written atomically after every batch or cell), so a stopped part is in git as far as it got.
+#   very weights they started with (--resume checks the clean predictions image by image).
+#   The suites, the Table IV grid and rna_eval.py write straight into docs/fashion_mnist/
+#   (small files, each written atomically after every batch or cell), so a stopped part is
+#   in git as far as it got.
 # Run from the repository root. PYTHON defaults to .venv/bin/python, MODELS to
 # models/fashion_mnist, DOCS (where results and kept models go) to docs/fashion_mnist.
 set -euo pipefail
