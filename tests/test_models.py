@@ -551,6 +551,10 @@ def test_exported_saved_model_serves_the_population_forward(tmp_path):
     model.export(str(tmp_path / "exported"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "exported"))
     x = tf.constant(np.random.default_rng(4).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
-    np.testing.assert_allclose(served.serve(x).numpy(),
-                               model(x, bn_mode="population").numpy(), rtol=1e-5, atol=1e-5)
+    expected = model(x, bn_mode="population").numpy()
+    # The random weights make logits of order 1e9; the exported graph may fuse and order the
+    # float32 sums differently from eager, so the error is judged against the logits' scale
+    # per image (an AMD EPYC host differed by 3e-5 of one small logit, 2e-7 of its row's largest).
+    error = np.abs(served.serve(x).numpy() - expected).max(axis=1)
+    assert (error <= 1e-5 * np.abs(expected).max(axis=1)).all(), error
     assert not np.allclose(served.serve(x).numpy(), model(x, bn_mode="batch_frozen").numpy())
