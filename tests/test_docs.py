@@ -275,7 +275,8 @@ def test_the_fashion_mnist_paired_comparison_is_computed_from_the_per_image_outc
     section = _fashion_doc().split("### What the rows so far say", 1)[1].split("\n## ", 1)[0]
     keys = {"BN+Shaping 1:9, clean": "clean__shaped", "PN, clean": "clean__population",
             "BN+Shaping 1:9, PGD generated on PN (the paper's protocol)": "pgd__shaped",
-            "PN, PGD (white-box)": "pgd__population", "PN, adaptive PGD": "adaptive__population"}
+            "PN, PGD (white-box)": "pgd__population", "PN, adaptive PGD": "adaptive__population",
+            "BN+Shaping 1:9, adaptive PGD (the exact shaped forward)": "adaptive__shaped"}
     outcomes = [np.load(os.path.join(FASHION, "table1", name, "suite", "per_image.npz"),
                         allow_pickle=False) for name in ("madry_pgd", "shaping_pgd")]
     rows = _tables(section)[0][2:]
