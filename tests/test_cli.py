@@ -211,15 +211,17 @@ def test_rna_eval_protocols_are_comma_separated(monkeypatch):
     got = {}
     monkeypatch.setattr(cli, "import_tensorflow_quietly", lambda: None)
     monkeypatch.setattr(rna_eval, "evaluate_checkpoint",
-                        lambda config, checkpoint, settings, output: got.update(
-                            checkpoint=checkpoint, settings=settings, output=output))
+                        lambda config, checkpoint, settings, output, resume: got.update(
+                            checkpoint=checkpoint, settings=settings, output=output,
+                            resume=resume))
     main = _script_main("rna_eval.py")
     assert main(["--config", DIGITS_RNA, "--protocols", "paper, eot", "--repeats", "3",
-                 "--checkpoint", "m/checkpoint-4"]) == 0
+                 "--checkpoint", "m/checkpoint-4", "--resume"]) == 0
     assert got["settings"].protocols == ("paper", "eot") and got["settings"].repeats == 3
-    assert got["checkpoint"] == "m/checkpoint-4" and got["output"] is None
+    assert got["checkpoint"] == "m/checkpoint-4" and got["output"] is None and got["resume"]
     main(["--config", DIGITS_RNA])
     assert got["settings"] == rna_eval.Settings()  # unset flags keep the defaults
+    assert got["resume"] is False
 
 
 def test_comma_list_drops_blanks():

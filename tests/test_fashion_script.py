@@ -88,6 +88,10 @@ if args[:2] == ["-m", "madry_ns.evaluate"]:
     print("suite done")
 elif args[0] == "eval.py":
     print("natural: 70.00%")
+elif args[0] == "rna_eval.py":
+    with open(args[args.index("--output") + 1], "a") as f:
+        f.write(json.dumps({"resume": "--resume" in args}) + "\n")
+    print("rna_eval done")
 '''
 
 
@@ -212,3 +216,23 @@ def test_each_finished_fragile_row_is_kept_and_a_new_machine_runs_only_the_rest(
     assert sorted(os.listdir(table / "bn_analysis")) == [
         "bn_layers.csv", "mean_m_per_layer.png", "summary.json"]
     assert (table / "table.md").exists() and (table / "table.json").exists()
+
+
+def test_rna_trains_both_networks_keeps_them_and_evaluates_each_with_resume(run, tmp_path):
+    import shutil
+
+    _, calls = run("rna")
+    assert [(c["args"][0], c["had_checkpoint"]) for c in calls] == [
+        ("train.py", False), ("rna_eval.py", True)] * 2
+    for norm in ("rna", "bn"):
+        assert (tmp_path / "docs" / "fashion_mnist" / "models" / f"rna_{norm}" /
+                "checkpoint").exists()
+        out = tmp_path / "docs" / "fashion_mnist" / "rna" / norm
+        assert json.loads((out / "rna_eval.jsonl").read_text()) == {"resume": True}
+        assert "rna_eval done" in (out / "console.txt").read_text()
+    trained = [a for c in calls for a in c["args"] if a.startswith("norm_layer=")]
+    assert trained == ["norm_layer=rna"] * 2 + ["norm_layer=bn"] * 2
+    shutil.rmtree(tmp_path / "models")  # a new machine: the kept models are put back
+    _, calls = run("rna")
+    assert [(c["args"][0], c["had_checkpoint"]) for c in calls] == [
+        ("train.py", True), ("rna_eval.py", True)] * 2

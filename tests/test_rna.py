@@ -549,8 +549,8 @@ def _dataset(n=12, size=32):
 
 
 def _eval_config(**overrides):
-    return _config(num_eval_examples=12, eval_batch_size=6, num_steps=3, epsilon=16.0,
-                   step_size=8.0, **overrides)
+    return _config(**{"num_eval_examples": 12, "eval_batch_size": 6, "num_steps": 3,
+                      "epsilon": 16.0, "step_size": 8.0, **overrides})
 
 
 def test_eval_classifier_draws_a_fresh_path_per_call_and_the_attacker_its_own():
@@ -653,6 +653,62 @@ def test_fixed_protocol_classifies_on_the_attacked_path(protocol_results):
     assert result["results"]["fixed"]["accuracy"] == pytest.approx(np.mean(correct))
 
 
+def test_rna_eval_stopped_after_a_batch_resumes_and_equals_an_uninterrupted_run(
+        protocol_results):
+    """A run stopped after its second of three batches, continued from the `Partial` it
+    saved, runs only the third batch and gives the uninterrupted run's numbers."""
+    model, _, _, _ = protocol_results
+    config = _eval_config(eval_batch_size=4)
+    settings = rna_eval.Settings(repeats=3, eot_samples=2, apgd_steps=3)
+    whole = rna_eval.evaluate(model, _dataset(), config, settings)
+    saved, ran = [], []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(i, n):
+        if i == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        rna_eval.evaluate(model, _dataset(), config, settings, on_batch=stop_after_two,
+                          save=saved.append)
+    partial = saved[-1]
+    assert partial.batches == 2 and partial.y.shape == (8,)
+    assert partial.preds["paper"].shape == (3, 8) and partial.preds["fixed"].shape == (1, 8)
+    resumed = rna_eval.evaluate(model, _dataset(), config, settings, resume=partial,
+                                on_batch=lambda i, n: ran.append(i))
+    assert ran == [2]
+    assert json.dumps(resumed["results"]) == json.dumps(whole["results"])
+    assert resumed["seconds"].keys() == whole["seconds"].keys()
+    # Other weights under the same checkpoint name: refused, not mixed into one table.
+    wrong = rna_eval.Partial(2, partial.y, {**partial.preds,
+                                            "clean": 9 - partial.preds["clean"]}, {})
+    with pytest.raises(ConfigError, match="clean predictions differ"):
+        rna_eval.evaluate(model, _dataset(), config, settings, resume=wrong)
+
+
+def test_rna_eval_partial_file_round_trips_and_refuses_another_experiment(tmp_path):
+    config = _eval_config()
+    settings = rna_eval.Settings(repeats=3)
+    run = rna_eval.identity(config, "m/checkpoint-9", "test", settings)
+    partial = rna_eval.Partial(1, np.arange(6), {"clean": np.ones((3, 6), np.int64)},
+                               {"paper+fixed": 1.5})
+    where = rna_eval.partial_path(str(tmp_path / "rna_eval.jsonl"))
+    rna_eval._save_partial(where, run, partial, 7.0)
+    loaded, elapsed = rna_eval._load_partial(where, run)
+    assert (loaded.batches, loaded.seconds, elapsed) == (1, {"paper+fixed": 1.5}, 7.0)
+    np.testing.assert_array_equal(loaded.y, partial.y)
+    np.testing.assert_array_equal(loaded.preds["clean"], partial.preds["clean"])
+    other = rna_eval.identity(config, "m/checkpoint-9", "test", rna_eval.Settings(repeats=4))
+    with pytest.raises(ConfigError, match=r"made with settings .*this run"):
+        rna_eval._load_partial(where, other)
+    with open(where, "wb") as f:
+        f.write(b"not an npz")
+    with pytest.raises(ConfigError, match="cannot read .*partial.npz"):
+        rna_eval._load_partial(where, run)
+
+
 def test_a_deterministic_model_makes_every_protocol_white_box_without_spread():
     keras.utils.set_random_seed(0)
     model = models.ResNet20(width=1)
@@ -748,3 +804,8 @@ def test_digits_config_trains_and_rna_eval_reports_the_protocols(tmp_path):
                                                    "rna_eval.jsonl")]
     assert record["step"] == 4 and record["settings"]["repeats"] == 3
     assert list(record["results"]) == ["clean", "paper", "fixed", "eot", "aa_eot"]
+    assert not os.path.exists(tmp_path / "model" / "eval" / "rna_eval.jsonl.partial.npz")
+    again = _script([os.path.join(ROOT, "rna_eval.py"), "--config", DIGITS, "--repeats", "3",
+                     "--eot_samples", "2", "--apgd_steps", "3", "--resume"] + sets, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already holds this evaluation" in again.stdout

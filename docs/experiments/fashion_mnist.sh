@@ -15,7 +15,8 @@
 #   alone; the suite runs with --resume (it continues after its last finished batch, so it
 #   runs first, before the 10,000-image eval.py, which is one unit); the Table IV grid keeps every
 #   (checkpoint, ratio) cell it finished; the fragile study runs row by row, and each finished
-#   row (its checkpoint and evaluation) is kept in docs/fashion_mnist/fragile/models/KEY.
+#   row (its checkpoint and evaluation) is kept in docs/fashion_mnist/fragile/models/KEY;
+#   rna_eval.py continues after its last finished test batch.
 # * Nothing a later session needs is left only in $MODELS, which a new machine does not have:
 #   each finished training's final checkpoint (2.2 MB: weights, BN statistics, momentum, step)
 #   and its console log are kept in docs/fashion_mnist/models/NAME and put back into $MODELS
@@ -165,12 +166,13 @@ if [[ $PART == rna || $PART == all ]]; then
   for norm in rna bn; do
     SET=(--set model_dir="$MODELS/rna_$norm" --set norm_layer=$norm)
     train "$C/rna_resnet20.json" "rna_$norm" --set norm_layer=$norm
-    # rna_eval.py appends one line when it has finished: skipped once that line is there.
-    if [ ! -f "$DOCS/rna/$norm/rna_eval.jsonl" ]; then
-      mkdir -p "$DOCS/rna/$norm"
-      $PY rna_eval.py --config "$C/rna_resnet20.json" "${SET[@]}" \
-        --set num_eval_examples=$ATTACKED --set num_steps=20 --set step_size=2.55 \
-        --repeats 10 --eot_samples 10 --apgd_steps 100 --output "$DOCS/rna/$norm/rna_eval.jsonl"
-    fi
+    # rna_eval.py saves its finished test batches beside its output after each one
+    # (rna_eval.jsonl.partial.npz) and appends one line when done: with --resume a stopped
+    # run continues after its last batch and a finished one is not run again.
+    mkdir -p "$DOCS/rna/$norm"
+    $PY rna_eval.py --config "$C/rna_resnet20.json" "${SET[@]}" \
+      --set num_eval_examples=$ATTACKED --set num_steps=20 --set step_size=2.55 \
+      --repeats 10 --eot_samples 10 --apgd_steps 100 --resume \
+      --output "$DOCS/rna/$norm/rna_eval.jsonl" 2>&1 | tee -a "$DOCS/rna/$norm/console.txt"
   done
 fi

@@ -25,7 +25,8 @@ draws, the per-example agreement rate (share of the R predictions equal to the e
 most frequent one), the share of examples predicted the same on all R paths, and the share
 classified correctly on all of them. All paths in a forward are shared by its batch (as
 released: one path per batch, not per image). Everything is seeded (`inference_seed`,
-`np_random_seed`): a rerun repeats itself.
+`np_random_seed`): a rerun repeats itself, and a stopped run, continued with `--resume`
+from the batches it saved beside its output (`partial_path`), equals an uninterrupted one.
 
 A model without RNA layers (the plain-BN reference) is deterministic: every protocol is then
 white-box PGD, EOT runs one draw, and the spread is trivially zero.
@@ -173,12 +174,29 @@ class _Compiled:
         self.apgd = {"apgd-ce": make_apgd("xent"), "apgd-dlr": make_apgd("dlr")}
 
 
+@dataclasses.dataclass
+class Partial:
+    """What a run has made so far: its first `batches` test batches' labels `y` and, per
+    prediction (`clean`, `paper`, `fixed`, `clean_fixed`, `eot`, `apgd-ce`, `apgd-dlr`), the
+    [R, images] predicted labels, with the attack seconds spent. Every batch's paths, starts
+    and draws are seeded by its index, so a run continued from a `Partial` equals an
+    uninterrupted one."""
+
+    batches: int
+    y: np.ndarray
+    preds: dict
+    seconds: dict
+
+
 def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings(),
-             on_batch=None) -> dict:
+             on_batch=None, resume: Partial | None = None, save=None) -> dict:
     """Run `settings.protocols` on the first `num_eval_examples` test images in batches of
     `eval_batch_size`; return per protocol its labels and `spread` statistics.
 
-    `on_batch(index, num_batches)` is called after each batch.
+    `on_batch(index, num_batches)` is called after each batch, `save(partial)` too, with
+    the `Partial` made so far. With `resume` (an earlier run's `Partial` under the same
+    settings), its batches are not run again; the first batch's clean predictions are made
+    again and must equal its own (else ConfigError: other weights under the same path).
     """
     import tensorflow as tf
 
@@ -195,7 +213,11 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
         return tf.stack([draw("rna_classify", seeds.RNA_CLASSIFY_TARGETS[target], i, r)
                          for r in range(repeats)])
 
-    y_all, preds, seconds = [], {}, {}
+    y_all, preds, seconds, done = [], {}, {}, 0
+    if resume is not None:
+        y_all = [resume.y]
+        preds = {name: [value] for name, value in resume.preds.items()}
+        seconds, done = dict(resume.seconds), resume.batches
 
     def record(name, value):
         preds.setdefault(name, []).append(np.asarray(value))
@@ -212,6 +234,10 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
                                 config.eval_batch_size)
     for i, (x, y) in enumerate(batches):
         x, y = tf.constant(x), tf.constant(y, tf.int64)
+        if i < done:
+            if i == 0:
+                _check_same_model(fns.predict(x, fresh("clean", 0)).numpy(), resume)
+            continue
         y_all.append(y.numpy())
         record("clean", fns.predict(x, fresh("clean", i)))
         if wanted & {"paper", "fixed"}:
@@ -231,6 +257,10 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
                 x_adv = timed("aa_eot",
                               lambda: fns.apgd[name](x, y, draw("rna_aa", i, j)).numpy())
                 record(name, fns.predict(x_adv, fresh(name, i)))
+        if save:
+            save(Partial(i + 1, np.concatenate(y_all),
+                         {name: np.concatenate(parts, axis=1) for name, parts in preds.items()},
+                         dict(seconds)))
         if on_batch:
             on_batch(i, num_batches)
 
@@ -284,10 +314,80 @@ def table(result: dict, name: str = "") -> str:
     return "\n".join(rows)
 
 
+def _check_same_model(clean: np.ndarray, resume: Partial) -> None:
+    made = resume.preds["clean"][:, :clean.shape[1]]
+    if not np.array_equal(clean, made):
+        raise ConfigError(
+            f"--resume: the first test batch's clean predictions differ from the stopped "
+            f"run's on {int((clean != made).any(axis=0).sum())} of {clean.shape[1]} images: "
+            f"the checkpoint under that name holds other weights; drop --resume")
+
+
+def identity(config, path: str, source: str, settings: Settings) -> dict:
+    """What makes two runs one experiment, compared by --resume: the checkpoint, the images,
+    the protocols' settings, the attack's parameters, the seeds and the random-path space."""
+    from madry_ns import attacks
+
+    keys = ("model", "norm_layer", "rna_candidates", "rna_sampling", "rna_inference_path",
+            "inference_bn", "num_eval_examples", "eval_batch_size", "inference_seed",
+            "np_random_seed")
+    return json.loads(json.dumps(
+        {"checkpoint": path, "dataset": source, "settings": dataclasses.asdict(settings),
+         "attack": attacks.config_params(config),
+         **{k: getattr(config, k) for k in keys}}))
+
+
+def partial_path(output: str) -> str:
+    """Where a run appending to `output` keeps its finished batches until it is done."""
+    return output + ".partial.npz"
+
+
+def _save_partial(where: str, run: dict, partial: Partial, elapsed: float) -> None:
+    meta = {"identity": run, "batches": partial.batches, "seconds": partial.seconds,
+            "elapsed": elapsed}
+    arrays = {"meta": np.array(json.dumps(meta)), "y": partial.y,
+              **{f"pred__{name}": value for name, value in partial.preds.items()}}
+    with files.atomic_open(where, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_partial(where: str, run: dict) -> tuple:
+    """(Partial, seconds elapsed) of the stopped run in `where`; ConfigError if it cannot be
+    read or was made as another experiment (mixing the two would make one table of two)."""
+    try:
+        with np.load(where, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            y = z["y"]
+            preds = {k[len("pred__"):]: z[k] for k in z.files if k.startswith("pred__")}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--resume: cannot read {where}: {e}; delete it or drop --resume") \
+            from None
+    for key, value in run.items():
+        if meta["identity"].get(key) != value:
+            raise ConfigError(f"--resume: {where} was made with {key} "
+                              f"{meta['identity'].get(key)!r}, this run {value!r}; use "
+                              f"another --output or drop --resume")
+    return Partial(meta["batches"], y, preds, meta["seconds"]), meta["elapsed"]
+
+
+def _finished(output: str, run: dict) -> dict | None:
+    if not os.path.exists(output):
+        return None
+    with open(output, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return next((r for r in reversed(records) if r.get("identity") == run), None)
+
+
 def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Settings(),
-                        output: str | None = None, out=print) -> dict:
+                        output: str | None = None, out=print, resume: bool = False) -> dict:
     """Evaluate checkpoint `path` (default: the latest in model_dir), print the table and
-    append the result as one JSON line to `output` (default model_dir/eval/rna_eval.jsonl)."""
+    append the result as one JSON line to `output` (default model_dir/eval/rna_eval.jsonl).
+
+    After every test batch the batches made so far are saved beside `output`
+    (`partial_path`), and removed once the line is appended. With `resume`, a run stopped
+    under the same `identity` continues after its last saved batch, and a finished one (a
+    line of `output` with that identity) is returned as it is, without running anything.
+    """
     from madry_ns import checkpoints
     from madry_ns.challenge import load_checkpoint_model
     from madry_ns.progress import Progress
@@ -296,19 +396,42 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     if path is None:
         raise checkpoints.CheckpointError(
             f"no checkpoint in model_dir '{config.model_dir}' to evaluate")
+    output = output or os.path.join(config.model_dir, "eval", "rna_eval.jsonl")
     dataset = data.load_dataset(config)
+    run = identity(config, path, dataset.source, settings)
+    where = partial_path(output)
+    earlier, elapsed = None, 0.0
+    if resume:
+        done = _finished(output, run)
+        if done is not None:
+            out(f"--resume: {output} already holds this evaluation (of {done['time']}); "
+                f"nothing to run")
+            return done
+        if os.path.exists(where):
+            earlier, elapsed = _load_partial(where, run)
+            out(f"--resume: {earlier.batches} test batches from {where}")
+        else:
+            out(f"--resume: nothing in {where} yet, starting afresh")
+    elif os.path.exists(where):
+        out(f"{where} holds a stopped run; starting afresh over it (--resume continues it)")
     model = load_checkpoint_model(config, path)
     bar = Progress(-(-config.num_eval_examples // config.eval_batch_size), "rna_eval")
-    start = time.perf_counter()
-    result = evaluate(model, dataset, config, settings, on_batch=lambda i, n: bar.update())
+    if earlier is not None:
+        bar.update(earlier.batches)
+    start = time.perf_counter() - elapsed
+    result = evaluate(model, dataset, config, settings, on_batch=lambda i, n: bar.update(),
+                      resume=earlier, save=lambda partial: _save_partial(
+                          where, run, partial, time.perf_counter() - start))
     bar.close()
     record = {"checkpoint": path, "step": checkpoints.checkpoint_step(path),
               "dataset": dataset.source, **result,
               "total_seconds": round(time.perf_counter() - start, 2),
-              "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    output = output or os.path.join(config.model_dir, "eval", "rna_eval.jsonl")
+              "time": datetime.datetime.now().isoformat(timespec="seconds"),
+              "resumed_batches": earlier.batches if earlier else 0, "identity": run}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     files.atomic_append_line(output, json.dumps(record))
+    if os.path.exists(where):
+        os.unlink(where)
     out(f"checkpoint {path}, {result['num_examples']} test images of {dataset.source}; "
         f"paths: {result['paths']}")
     out(table(result, config.model))
@@ -328,7 +451,8 @@ def main(argv=None, prog: str = "python -m madry_ns.studies.rna") -> int:
         chosen = {"protocols": args.protocols or None, "repeats": args.repeats,
                   "eot_samples": args.eot_samples, "apgd_steps": args.apgd_steps}
         settings = Settings(**{k: v for k, v in chosen.items() if v is not None})
-        evaluate_checkpoint(config, args.checkpoint, settings, args.output)
+        evaluate_checkpoint(config, args.checkpoint, settings, args.output,
+                            resume=args.resume)
 
     parser = cli.Parser(prog, __doc__, command)  # unset flags: Settings' defaults
     add = parser.add_argument
@@ -340,6 +464,9 @@ def main(argv=None, prog: str = "python -m madry_ns.studies.rna") -> int:
     add("--apgd_steps", type=int, help="APGD iterations (default 100)")
     add("--output", metavar="PATH", help="JSON lines file the result is appended to "
         "(default model_dir/eval/rna_eval.jsonl)")
+    add("--resume", action="store_true", help="continue a run stopped under the same "
+        "checkpoint and settings after its last finished batch (kept in OUTPUT.partial.npz); "
+        "a finished one is not run again")
     return cli.run(parser, argv)
 
 
