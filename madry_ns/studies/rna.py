@@ -197,7 +197,17 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
     the `Partial` made so far. With `resume` (an earlier run's `Partial` under the same
     settings), its batches are not run again; the first batch's clean predictions are made
     again and must equal its own (else ConfigError: other weights under the same path).
+
+    For a random-path model it runs with Grappler's arithmetic rewrite off, as the suite
+    does (`arithmetic_rewrite_off`): AutoAttack-EOT's nested loops through RNA's switch
+    hit tensorflow#23780 here too (AlreadyExistsError after a finished first batch).
     """
+    from madry_ns.evaluate.suite import arithmetic_rewrite_off
+    with arithmetic_rewrite_off(rna.has_rna(model)):
+        return _evaluate(model, dataset, config, settings, on_batch, resume, save)
+
+
+def _evaluate(model, dataset, config, settings, on_batch, resume, save) -> dict:
     import tensorflow as tf
 
     from madry_ns import attacks, evaluation
