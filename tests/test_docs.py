@@ -267,9 +267,10 @@ def test_the_fashion_mnist_table1_is_the_one_the_suite_wrote(path):
         assert natural and natural[-1] in section
 
 
-def test_the_fashion_mnist_paired_comparison_is_computed_from_the_per_image_outcomes():
-    """Table I's madry_pgd vs shaping_pgd table: each row's two accuracies, their difference
-    and its paired standard error, recomputed from the two suites' per_image.npz."""
+def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_outcomes():
+    """Table I's paired tables (madry_pgd vs shaping_pgd, trades vs shaping_trades, the two
+    models named in each header): each row's two accuracies, their difference and its paired
+    standard error, recomputed from the two suites' per_image.npz."""
     import numpy as np
 
     section = _fashion_doc().split("### What the rows so far say", 1)[1].split("\n## ", 1)[0]
@@ -277,14 +278,19 @@ def test_the_fashion_mnist_paired_comparison_is_computed_from_the_per_image_outc
             "BN+Shaping 1:9, PGD generated on PN (the paper's protocol)": "pgd__shaped",
             "PN, PGD (white-box)": "pgd__population", "PN, adaptive PGD": "adaptive__population",
             "BN+Shaping 1:9, adaptive PGD (the exact shaped forward)": "adaptive__shaped"}
-    outcomes = [np.load(os.path.join(FASHION, "table1", name, "suite", "per_image.npz"),
-                        allow_pickle=False) for name in ("madry_pgd", "shaping_pgd")]
-    rows = _tables(section)[0][2:]
-    assert [r.split("|")[1].strip() for r in rows] == list(keys)
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        a, b = (o[keys[cells[0]]].astype(float) for o in outcomes)
-        d = b - a
-        expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
-                    100 * d.std(ddof=1) / np.sqrt(len(d))]
-        assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], cells[0]
+    tables = _tables(section)
+    pairs = [tuple(c.split()[0] for c in t[0].strip("|").split("|")[1:3]) for t in tables]
+    assert pairs == [("madry_pgd", "shaping_pgd"), ("trades", "shaping_trades")]
+    for pair, table in zip(pairs, tables):
+        outcomes = [np.load(os.path.join(FASHION, "table1", name, "suite", "per_image.npz"),
+                            allow_pickle=False) for name in pair]
+        rows = table[2:]
+        assert [r.split("|")[1].strip() for r in rows] == list(keys)
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            a, b = (o[keys[cells[0]]].astype(float) for o in outcomes)
+            d = b - a
+            expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
+                        100 * d.std(ddof=1) / np.sqrt(len(d))]
+            assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], \
+                (pair, cells[0])
