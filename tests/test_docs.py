@@ -294,3 +294,23 @@ def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_ou
                         100 * d.std(ddof=1) / np.sqrt(len(d))]
             assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], \
                 (pair, cells[0])
+
+
+RNA_RECORDS = sorted(glob.glob(os.path.join(FASHION, "rna", "*", "rna_eval.jsonl")))
+
+
+@pytest.mark.parametrize("path", RNA_RECORDS, ids=lambda p: p.split(os.sep)[-2])
+def test_the_fashion_mnist_rna_rows_are_those_rna_eval_wrote(path):
+    """docs/fashion_mnist.md's RNA section shows, for docs/fashion_mnist/rna/NORM, the rows
+    `rna.table` renders from the last line rna_eval.py appended there: the kept rna_NORM
+    model's final checkpoint on the first 1,000 test images."""
+    from madry_ns.studies import rna
+
+    norm = os.path.basename(os.path.dirname(path))
+    with open(path, encoding="utf-8") as f:
+        record = json.loads(f.read().splitlines()[-1])
+    assert record["checkpoint"].endswith(f"/rna_{norm}/checkpoint-900")
+    assert record["num_examples"] == 1000 and record["dataset"].startswith("fashion_mnist")
+    section = _fashion_doc().split("\n## RNA", 1)[1].split("\n## ", 1)[0]
+    rows = rna.table(record, f"rna_{norm}").splitlines()[2:]
+    assert rows and all(row in section for row in rows)
