@@ -733,6 +733,42 @@ def test_rna_eval_partial_file_round_trips_and_refuses_another_experiment(tmp_pa
         rna_eval._load_partial(where, run)
 
 
+def test_rna_eval_of_a_checkpoint_keeps_the_per_image_predictions_behind_its_numbers(
+        tmp_path, toy_builds, monkeypatch):
+    """evaluate_checkpoint leaves each finished run's predictions in the file its record
+    names (the first line's in e.1.npz, the second's in e.2.npz) and no partial file; the
+    outcomes `correct_by_protocol` makes of them are the record's accuracies; a run resumed
+    after its last batch was saved runs nothing and keeps the same predictions."""
+    from madry_ns import challenge
+    monkeypatch.setattr(challenge, "build_model", training.build_model)
+    config = _train_config(tmp_path, "m", num_eval_examples=12, eval_batch_size=6)
+    training.train(config, out=lambda line: None)
+    settings = rna_eval.Settings(repeats=3, eot_samples=2, apgd_steps=3)
+    output = str(tmp_path / "e.jsonl")
+    record = rna_eval.evaluate_checkpoint(config, settings=settings, output=output,
+                                          out=lambda line: None)
+    assert record["per_image"] == "e.1.npz"
+    assert not os.path.exists(rna_eval.partial_path(output))
+    y, preds = rna_eval.load_per_image(str(tmp_path / "e.1.npz"))
+    correct = rna_eval.correct_by_protocol(y, preds)
+    assert y.shape == (12,) and preds["paper"].shape == (3, 12)
+    for name, entry in record["results"].items():
+        assert entry["accuracy"] == pytest.approx(correct[name].mean()), name
+    assert rna_eval.evaluate_checkpoint(config, settings=settings, output=output,
+                                        out=lambda line: None)["per_image"] == "e.2.npz"
+    # Stopped after saving its last batch, before its line: --resume only writes it.
+    other = str(tmp_path / "f.jsonl")
+    with open(tmp_path / "e.1.npz", "rb") as f, open(rna_eval.partial_path(other), "wb") as g:
+        g.write(f.read())
+    lines = []
+    again = rna_eval.evaluate_checkpoint(config, settings=settings, output=other,
+                                         out=lines.append, resume=True)
+    assert lines[0].startswith("--resume: 2 test batches from")
+    assert again["resumed_batches"] == 2 and again["results"] == record["results"]
+    _, kept = rna_eval.load_per_image(str(tmp_path / "f.1.npz"))
+    assert {k: v.tolist() for k, v in kept.items()} == {k: v.tolist() for k, v in preds.items()}
+
+
 def test_a_deterministic_model_makes_every_protocol_white_box_without_spread():
     keras.utils.set_random_seed(0)
     model = models.ResNet20(width=1)

@@ -276,7 +276,7 @@ def _evaluate(model, dataset, config, settings, on_batch, resume, save) -> dict:
 
     y_all = np.concatenate(y_all)
     pred = {name: np.concatenate(parts, axis=1) for name, parts in preds.items()}
-    correct = {name: p == y_all[None] for name, p in pred.items()}
+    correct = correct_by_protocol(y_all, pred)
     results = {"clean": {**labels["clean"], **spread(correct["clean"], pred["clean"])}}
     if "paper" in wanted:
         results["paper"] = {**labels["paper"], **spread(correct["paper"], pred["paper"])}
@@ -286,8 +286,7 @@ def _evaluate(model, dataset, config, settings, on_batch, resume, save) -> dict:
     if "eot" in wanted:
         results["eot"] = {**labels["eot"], **spread(correct["eot"], pred["eot"])}
     if "aa_eot" in wanted:
-        robust = correct["clean"] & correct["apgd-ce"] & correct["apgd-dlr"]
-        results["aa_eot"] = {**labels["aa_eot"], **spread(robust),
+        results["aa_eot"] = {**labels["aa_eot"], **spread(correct["aa_eot"]),
                              "apgd-ce": spread(correct["apgd-ce"], pred["apgd-ce"]),
                              "apgd-dlr": spread(correct["apgd-dlr"], pred["apgd-dlr"])}
     return {"num_examples": n, "model": config.model, "norm_layer": config.norm_layer,
@@ -299,6 +298,17 @@ def _evaluate(model, dataset, config, settings, on_batch, resume, save) -> dict:
                          config.inference_seed, "np_random_seed": config.np_random_seed},
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "results": results}
+
+
+def correct_by_protocol(y: np.ndarray, preds: dict) -> dict:
+    """Prediction name -> [R, images] bool, correct or not, draw by draw, from the labels `y`
+    and the [R, images] predictions (a `Partial`'s, or a finished run's `load_per_image`),
+    with `aa_eot` as `evaluate` counts it: the clean image and both APGD outputs correct,
+    each on its own draw r."""
+    correct = {name: p == y[None] for name, p in preds.items()}
+    if "apgd-ce" in correct:
+        correct["aa_eot"] = correct["clean"] & correct["apgd-ce"] & correct["apgd-dlr"]
+    return correct
 
 
 def _pct(value: float) -> str:
@@ -352,6 +362,20 @@ def partial_path(output: str) -> str:
     return output + ".partial.npz"
 
 
+def per_image_path(output: str, line: int) -> str:
+    """Where the per-image predictions of the `line`-th record (from 1) of `output` are kept:
+    rna_eval.jsonl's third evaluation keeps them in rna_eval.3.npz beside it."""
+    return f"{os.path.splitext(output)[0]}.{line}.npz"
+
+
+def load_per_image(path: str) -> tuple:
+    """(labels [images], {prediction name: [R, images] predicted labels}) of a finished run's
+    per-image file (its record's "per_image", beside its output); `correct_by_protocol`
+    turns them into each protocol's outcomes."""
+    partial, _ = _load_partial(path, {})
+    return partial.y, partial.preds
+
+
 def _save_partial(where: str, run: dict, partial: Partial, elapsed: float) -> None:
     meta = {"identity": run, "batches": partial.batches, "seconds": partial.seconds,
             "elapsed": elapsed}
@@ -380,6 +404,13 @@ def _load_partial(where: str, run: dict) -> tuple:
     return Partial(meta["batches"], y, preds, meta["seconds"]), meta["elapsed"]
 
 
+def _count_records(output: str) -> int:
+    if not os.path.exists(output):
+        return 0
+    with open(output, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _finished(output: str, run: dict) -> dict | None:
     if not os.path.exists(output):
         return None
@@ -394,7 +425,9 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     append the result as one JSON line to `output` (default model_dir/eval/rna_eval.jsonl).
 
     After every test batch the batches made so far are saved beside `output`
-    (`partial_path`), and removed once the line is appended. With `resume`, a run stopped
+    (`partial_path`), and removed once the line is appended; the finished run's per-image
+    predictions stay beside it (`per_image_path`, named in the record's "per_image", read
+    by `load_per_image`), for paired comparisons between models. With `resume`, a run stopped
     under the same `identity` continues after its last saved batch, and a finished one (a
     line of `output` with that identity) is returned as it is, without running anything.
     """
@@ -429,16 +462,26 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     if earlier is not None:
         bar.update(earlier.batches)
     start = time.perf_counter() - elapsed
+    last = [earlier]  # a resumed run that had saved its last batch saves nothing more
+
+    def save(partial):
+        last[0] = partial
+        _save_partial(where, run, partial, time.perf_counter() - start)
+
     result = evaluate(model, dataset, config, settings, on_batch=lambda i, n: bar.update(),
-                      resume=earlier, save=lambda partial: _save_partial(
-                          where, run, partial, time.perf_counter() - start))
+                      resume=earlier, save=save)
     bar.close()
+    per_image = per_image_path(output, _count_records(output) + 1)
     record = {"checkpoint": path, "step": checkpoints.checkpoint_step(path),
               "dataset": dataset.source, **result,
               "total_seconds": round(time.perf_counter() - start, 2),
               "time": datetime.datetime.now().isoformat(timespec="seconds"),
-              "resumed_batches": earlier.batches if earlier else 0, "identity": run}
+              "resumed_batches": earlier.batches if earlier else 0, "identity": run,
+              "per_image": os.path.basename(per_image)}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    # The predictions before the line that names them, so that neither outlives the other's
+    # absence (a stale file of an unfinished line is overwritten by the next run).
+    _save_partial(per_image, run, last[0], record["total_seconds"])
     files.atomic_append_line(output, json.dumps(record))
     if os.path.exists(where):
         os.unlink(where)
