@@ -767,6 +767,10 @@ def test_rna_eval_of_a_checkpoint_keeps_the_per_image_predictions_behind_its_num
     assert again["resumed_batches"] == 2 and again["results"] == record["results"]
     _, kept = rna_eval.load_per_image(str(tmp_path / "f.1.npz"))
     assert {k: v.tolist() for k, v in kept.items()} == {k: v.tolist() for k, v in preds.items()}
+    with open(tmp_path / "f.1.npz", "wb") as f:
+        f.write(b"not an npz")
+    with pytest.raises(ConfigError, match="cannot read the per-image predictions .*f.1.npz"):
+        rna_eval.load_per_image(str(tmp_path / "f.1.npz"))
 
 
 def test_a_deterministic_model_makes_every_protocol_white_box_without_spread():

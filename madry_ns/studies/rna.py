@@ -372,8 +372,18 @@ def load_per_image(path: str) -> tuple:
     """(labels [images], {prediction name: [R, images] predicted labels}) of a finished run's
     per-image file (its record's "per_image", beside its output); `correct_by_protocol`
     turns them into each protocol's outcomes."""
-    partial, _ = _load_partial(path, {})
-    return partial.y, partial.preds
+    try:
+        _, y, preds = _read_predictions(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read the per-image predictions {path}: {e}") from None
+    return y, preds
+
+
+def _read_predictions(path: str) -> tuple:
+    """(meta, y, preds) of a file `_save_partial` wrote."""
+    with np.load(path, allow_pickle=False) as z:
+        return (json.loads(str(z["meta"])), z["y"],
+                {k[len("pred__"):]: z[k] for k in z.files if k.startswith("pred__")})
 
 
 def _save_partial(where: str, run: dict, partial: Partial, elapsed: float) -> None:
@@ -389,10 +399,7 @@ def _load_partial(where: str, run: dict) -> tuple:
     """(Partial, seconds elapsed) of the stopped run in `where`; ConfigError if it cannot be
     read or was made as another experiment (mixing the two would make one table of two)."""
     try:
-        with np.load(where, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            y = z["y"]
-            preds = {k[len("pred__"):]: z[k] for k in z.files if k.startswith("pred__")}
+        meta, y, preds = _read_predictions(where)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--resume: cannot read {where}: {e}; delete it or drop --resume") \
             from None
