@@ -198,12 +198,13 @@ def evaluate(model, dataset: data.Dataset, config, settings: Settings = Settings
     settings), its batches are not run again; the first batch's clean predictions are made
     again and must equal its own (else ConfigError: other weights under the same path).
 
-    For a random-path model it runs with Grappler's arithmetic rewrite off, as the suite
-    does (`arithmetic_rewrite_off`): AutoAttack-EOT's nested loops through RNA's switch
-    hit tensorflow#23780 here too (AlreadyExistsError after a finished first batch).
+    It runs with Grappler's arithmetic rewrite off (`arithmetic_rewrite_off`, as the suite
+    does for random-path models): APGD's EOT loop nested in its step loop hit
+    tensorflow#23780 (AlreadyExistsError after a finished first batch) on Fashion-MNIST, on
+    the RNA model and on the plain-BN one alike, whose EOT loop runs a single draw.
     """
     from madry_ns.evaluate.suite import arithmetic_rewrite_off
-    with arithmetic_rewrite_off(rna.has_rna(model)):
+    with arithmetic_rewrite_off():
         return _evaluate(model, dataset, config, settings, on_batch, resume, save)
 
 
