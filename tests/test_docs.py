@@ -314,3 +314,34 @@ def test_the_fashion_mnist_rna_rows_are_those_rna_eval_wrote(path):
     section = _fashion_doc().split("\n## RNA", 1)[1].split("\n## ", 1)[0]
     rows = rna.table(record, f"rna_{norm}").splitlines()[2:]
     assert rows and all(row in section for row in rows)
+
+
+def test_the_fashion_mnist_rna_against_bn_table_is_computed_from_the_per_image_predictions():
+    """The RNA section's paired table: per protocol, each model's accuracy (RNA's averaged
+    over its draws, image by image), their difference and its paired standard error,
+    recomputed from the two runs' per-image files."""
+    import numpy as np
+
+    from madry_ns.studies import rna
+
+    outcomes = {}
+    for norm in ("rna", "bn"):
+        folder = os.path.join(FASHION, "rna", norm)
+        with open(os.path.join(folder, "rna_eval.jsonl"), encoding="utf-8") as f:
+            record = json.loads(f.read().splitlines()[-1])
+        y, preds = rna.load_per_image(os.path.join(folder, record["per_image"]))
+        outcomes[norm] = {k: v.mean(axis=0)
+                          for k, v in rna.correct_by_protocol(y, preds).items()}
+    section = _fashion_doc().split("\n## RNA", 1)[1].split("\n## ", 1)[0]
+    [table] = [t for t in _tables(section) if t[0].startswith("| protocol | rna_rna | rna_bn")]
+    keys = {"clean": "clean", "(a) paper": "paper", "(b) fixed path": "fixed",
+            "(c) EOT-PGD": "eot", "(d) AutoAttack-EOT": "aa_eot"}
+    rows = table[2:]
+    assert [r.split("|")[1].strip() for r in rows] == list(keys)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        a, b = outcomes["rna"][keys[cells[0]]], outcomes["bn"][keys[cells[0]]]
+        d = a - b
+        expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
+                    100 * d.std(ddof=1) / np.sqrt(len(d))]
+        assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], cells[0]
