@@ -345,3 +345,16 @@ def test_the_fashion_mnist_rna_against_bn_table_is_computed_from_the_per_image_p
         expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
                     100 * d.std(ddof=1) / np.sqrt(len(d))]
         assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], cells[0]
+
+
+def test_the_readme_fashion_mnist_summary_quotes_the_record():
+    """README's Fashion-MNIST summary table: every figure in it is one of
+    docs/fashion_mnist.md's (whose own tables are checked against the tools' files above)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    part = readme.split("On Fashion-MNIST ([docs/fashion_mnist.md]", 1)[1]
+    [table] = _tables(part)[:1]
+    doc = _fashion_doc()
+    figures = [x for row in table[2:] for x in re.findall(r"[+-]?\d+\.\d+", row)]
+    assert len(figures) >= 20
+    assert [x for x in figures if x not in doc] == []
