@@ -267,12 +267,27 @@ def test_the_fashion_mnist_table1_is_the_one_the_suite_wrote(path):
         assert natural and natural[-1] in section
 
 
+def _assert_paired_rows(table: list, keys: dict, first: dict, second: dict) -> None:
+    """Each row of `table` (labelled by `keys`' labels, in order) holds the first and the
+    second model's accuracy, second - first, and its paired standard error (%, 2 places),
+    from their per-image outcomes `first[key]`, `second[key]`."""
+    import numpy as np
+
+    rows = table[2:]
+    assert [r.split("|")[1].strip() for r in rows] == list(keys)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        a, b = first[keys[cells[0]]], second[keys[cells[0]]]
+        d = b - a
+        expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
+                    100 * d.std(ddof=1) / np.sqrt(len(d))]
+        assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], cells[0]
+
+
 def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_outcomes():
     """Table I's paired tables (madry_pgd vs shaping_pgd, trades vs shaping_trades, the two
     models named in each header): each row's two accuracies, their difference and its paired
     standard error, recomputed from the two suites' per_image.npz."""
-    import numpy as np
-
     section = _fashion_doc().split("### What the rows so far say", 1)[1].split("\n## ", 1)[0]
     keys = {"BN+Shaping 1:9, clean": "clean__shaped", "PN, clean": "clean__population",
             "BN+Shaping 1:9, PGD generated on PN (the paper's protocol)": "pgd__shaped",
@@ -284,16 +299,8 @@ def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_ou
     for pair, table in zip(pairs, tables):
         outcomes = [np.load(os.path.join(FASHION, "table1", name, "suite", "per_image.npz"),
                             allow_pickle=False) for name in pair]
-        rows = table[2:]
-        assert [r.split("|")[1].strip() for r in rows] == list(keys)
-        for row in rows:
-            cells = [c.strip() for c in row.strip("|").split("|")]
-            a, b = (o[keys[cells[0]]].astype(float) for o in outcomes)
-            d = b - a
-            expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
-                        100 * d.std(ddof=1) / np.sqrt(len(d))]
-            assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], \
-                (pair, cells[0])
+        _assert_paired_rows(table, keys, *(
+            {k: o[k].astype(float) for k in keys.values()} for o in outcomes))
 
 
 RNA_RECORDS = sorted(glob.glob(os.path.join(FASHION, "rna", "*", "rna_eval.jsonl")))
@@ -320,8 +327,6 @@ def test_the_fashion_mnist_rna_against_bn_table_is_computed_from_the_per_image_p
     """The RNA section's paired table: per protocol, each model's accuracy (RNA's averaged
     over its draws, image by image), their difference and its paired standard error,
     recomputed from the two runs' per-image files."""
-    import numpy as np
-
     from madry_ns.studies import rna
 
     outcomes = {}
@@ -333,18 +338,10 @@ def test_the_fashion_mnist_rna_against_bn_table_is_computed_from_the_per_image_p
         outcomes[norm] = {k: v.mean(axis=0)
                           for k, v in rna.correct_by_protocol(y, preds).items()}
     section = _fashion_doc().split("\n## RNA", 1)[1].split("\n## ", 1)[0]
-    [table] = [t for t in _tables(section) if t[0].startswith("| protocol | rna_rna | rna_bn")]
+    [table] = [t for t in _tables(section) if t[0].startswith("| protocol | rna_bn | rna_rna")]
     keys = {"clean": "clean", "(a) paper": "paper", "(b) fixed path": "fixed",
             "(c) EOT-PGD": "eot", "(d) AutoAttack-EOT": "aa_eot"}
-    rows = table[2:]
-    assert [r.split("|")[1].strip() for r in rows] == list(keys)
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        a, b = outcomes["rna"][keys[cells[0]]], outcomes["bn"][keys[cells[0]]]
-        d = a - b
-        expected = [100 * a.mean(), 100 * b.mean(), 100 * d.mean(),
-                    100 * d.std(ddof=1) / np.sqrt(len(d))]
-        assert [float(c) for c in cells[1:]] == [round(v, 2) for v in expected], cells[0]
+    _assert_paired_rows(table, keys, outcomes["bn"], outcomes["rna"])
 
 
 def test_the_readme_fashion_mnist_summary_quotes_the_record():
