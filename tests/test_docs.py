@@ -288,6 +288,8 @@ def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_ou
     """Table I's paired tables (madry_pgd vs shaping_pgd, trades vs shaping_trades, the two
     models named in each header): each row's two accuracies, their difference and its paired
     standard error, recomputed from the two suites' per_image.npz."""
+    import numpy as np
+
     section = _fashion_doc().split("### What the rows so far say", 1)[1].split("\n## ", 1)[0]
     keys = {"BN+Shaping 1:9, clean": "clean__shaped", "PN, clean": "clean__population",
             "BN+Shaping 1:9, PGD generated on PN (the paper's protocol)": "pgd__shaped",
