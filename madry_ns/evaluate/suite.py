@@ -212,9 +212,10 @@ def row_epsilon(config, settings: Settings, key: str) -> float | None:
 def arithmetic_rewrite_off(active: bool = True):
     """Grappler's arithmetic optimizer off inside the block (when `active`), as it was after.
 
-    Gradients through RNA's switch_case inside APGD's nested loops (AutoAttack 'rand') made
-    Grappler's AddOpsRewrite temporaries collide on CPU (AlreadyExistsError
-    ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21; tensorflow#23780). That rewrite only
+    The sums of APGD's EOT loop, nested in its step loop (AutoAttack 'rand'), made Grappler's
+    AddOpsRewrite temporaries collide on CPU (AlreadyExistsError
+    ".../AddOpsRewrite_add_1/tmp_var", TensorFlow 2.21; tensorflow#23780), through RNA's
+    switch_case and, in `studies.rna`, on a plain-BN model's single draw too. That rewrite only
     regroups additions, so `run` turns it off while it evaluates a random-path model; a
     `Suite` built by hand for one should be used inside this block too, calls included
     (whether a function compiled inside keeps the setting when called after the block is

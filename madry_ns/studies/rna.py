@@ -412,19 +412,15 @@ def _load_partial(where: str, run: dict) -> tuple:
     return Partial(meta["batches"], y, preds, meta["seconds"]), meta["elapsed"]
 
 
-def _count_records(output: str) -> int:
+def _records(output: str) -> list:
     if not os.path.exists(output):
-        return 0
+        return []
     with open(output, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _finished(output: str, run: dict) -> dict | None:
-    if not os.path.exists(output):
-        return None
-    with open(output, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return next((r for r in reversed(records) if r.get("identity") == run), None)
+    return next((r for r in reversed(_records(output)) if r.get("identity") == run), None)
 
 
 def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Settings(),
@@ -479,7 +475,7 @@ def evaluate_checkpoint(config, path: str | None = None, settings: Settings = Se
     result = evaluate(model, dataset, config, settings, on_batch=lambda i, n: bar.update(),
                       resume=earlier, save=save)
     bar.close()
-    per_image = per_image_path(output, _count_records(output) + 1)
+    per_image = per_image_path(output, len(_records(output)) + 1)
     record = {"checkpoint": path, "step": checkpoints.checkpoint_step(path),
               "dataset": dataset.source, **result,
               "total_seconds": round(time.perf_counter() - start, 2),
