@@ -158,6 +158,32 @@ def test_survivors_and_fixed_batches_agree_image_by_image_on_a_per_image_model(d
     np.testing.assert_array_equal(np.argmax(logits_fn(out[True]["x_adv"]), 1) == y, robust)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_survivors_skip_an_attack_with_no_image_left_to_attack(compiled):
+    """A batch the model gets all wrong leaves no survivors: every attack is skipped (the
+    official code's `if num_robust == 0`), not run on an empty batch, which TensorFlow's CPU
+    convolution cannot forward (it returns the empty input unchanged)."""
+    kernel = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 3, 10)), tf.float32)
+
+    def logits_fn(z, draw=None):  # a convolution, and class 0 wins everywhere
+        conv = tf.nn.conv2d(z / 255.0, kernel, 1, "SAME")
+        return tf.reduce_mean(conv, [1, 2]) + 100.0 * tf.one_hot(0, 10)
+
+    x = tf.constant(np.random.default_rng(1).uniform(0, 255, (4, 8, 8, 3)), tf.float32)
+    y = tf.ones([4], tf.int64)
+    run = attacks.auto_attack
+    if compiled:
+        run = tf.function(lambda x, y: attacks.auto_attack(
+            logits_fn, x, y, epsilon=8.0, params=SMALL, survivors=True, seed=SEED))
+        out = run(x, y)
+    else:
+        out = run(logits_fn, x, y, epsilon=8.0, params=SMALL, survivors=True, seed=SEED)
+    assert not out["clean"].numpy().any() and not out["robust"].numpy().any()
+    for name in SMALL.attacks:  # skipped: no image counted broken by it
+        assert out[name].numpy().all()
+    np.testing.assert_array_equal(out["x_adv"], x)
+
+
 def test_the_versions_are_the_official_ones():
     assert attacks.VERSIONS["standard"] == ("apgd-ce", "apgd-t", "fab-t", "square")
     standard = attacks.version_params("standard")

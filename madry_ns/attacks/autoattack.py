@@ -173,9 +173,18 @@ def auto_attack(logits_fn: Callable, x, y, *, epsilon: float,
         if survivors:
             idx = tf.where(robust)[:, 0]
             x_s, y_s = tf.gather(x, idx), tf.gather(y, idx)
-            adv_s = _run_attack(name, logits_fn, x_s, y_s, params, epsilon, seed, True, idx)
-            ok = tf.tensor_scatter_nd_update(tf.ones_like(robust), idx[:, None],
-                                             correct(adv_s, y_s))
+
+            def attack_survivors(name=name, x_s=x_s, y_s=y_s, idx=idx):
+                adv_s = _run_attack(name, logits_fn, x_s, y_s, params, epsilon, seed, True,
+                                    idx)
+                return adv_s, correct(adv_s, y_s)
+
+            # With no survivors left the attack is skipped, as the official code skips it;
+            # it must be: TensorFlow's CPU convolution returns an empty batch's input
+            # unchanged, so any forward of no images fails at the next layer.
+            adv_s, ok_s = tf.cond(tf.size(idx) > 0, attack_survivors,
+                                  lambda x_s=x_s: (x_s, tf.zeros([0], tf.bool)))
+            ok = tf.tensor_scatter_nd_update(tf.ones_like(robust), idx[:, None], ok_s)
             adv = tf.tensor_scatter_nd_update(x if x_adv is None else x_adv, idx[:, None],
                                               adv_s)
         else:
