@@ -559,6 +559,79 @@ def test_runner_trains_evaluates_and_writes_the_table_and_analysis(tmp_path):
     assert again == records
 
 
+def _eval_setup(tmp_path):
+    from madry_ns import data
+
+    keras.utils.set_random_seed(3)
+    config = _config(tmp_path, model_width=1, num_eval_examples=24, eval_batch_size=4)
+    model = build_model(config)
+    _randomize(model)
+    return config, model, data.load_dataset(config)
+
+
+STANDARD = fragile.Settings(num_robust_examples=12, aa_steps=3, aa_targets=2, aa_queries=4,
+                            pgd_steps=2, autoattack="standard")
+
+
+def test_standard_autoattack_on_survivors_counts_what_the_fixed_batch_protocol_counts(tmp_path):
+    """The study's 'standard' column (survivors, as the paper's AutoAttack) against the same
+    attacks run on every image of the fixed batch, batch by batch with the same seeds: on
+    these per-image (population) forwards both must find the same robust images."""
+    from madry_ns import attacks, data, inference, seeds
+
+    config, model, dataset = _eval_setup(tmp_path)
+    record = fragile.evaluate_model(model, dataset, config, STANDARD)
+    population = inference.forward(model, config, dataset, "population")
+    params = attacks.AutoAttackParams(apgd_steps=3, apgd_targets=2, fab_steps=3,
+                                      fab_targets=2, square_queries=4)
+    robust = 0
+    for i, (x, y) in enumerate(data.eval_batches(dataset.test_images, dataset.test_labels,
+                                                 12, 4)):
+        out = attacks.auto_attack(lambda z: population(z, seeds.reference_draw(config, 0)),
+                                  tf.constant(x), tf.constant(y), epsilon=config.epsilon,
+                                  params=params, survivors=False,
+                                  seed=tf.constant([config.np_random_seed, i], tf.int64))
+        robust += int(np.sum(out["robust"].numpy()))
+    assert record["robust_error_autoattack"] == pytest.approx(100.0 * (1 - robust / 12))
+    assert set(record["newly_broken_per_attack"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert record["autoattack_version"] == "standard" and "survivors" in record["autoattack"]
+    assert "| robust error % (AutoAttack) |" in fragile.table(
+        [{**record, "row": "adv", "reset_bn_stats": False, "init_checkpoint": None,
+          "trainable": "all", "trainable_parameters": 1, "total_parameters": 1,
+          "dataset": "digits", "model": "resnet20", "model_width": 1}])
+    with pytest.raises(ConfigError, match="--autoattack bogus: expected one of legacy"):
+        fragile.Settings(autoattack="bogus")
+
+
+def test_a_stopped_evaluation_resumes_after_its_last_batch_to_the_uninterrupted_result(
+        tmp_path):
+    config, model, dataset = _eval_setup(tmp_path)
+    whole = fragile.evaluate_model(model, dataset, config, STANDARD)
+    path, key = str(tmp_path / "fragile_eval.partial.json"), {"checkpoint": "x", "n": 1}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(line):
+        if line.startswith("  robust images 8/12"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        fragile.evaluate_model(model, dataset, config, STANDARD, out=stop_after_two,
+                               progress_path=path, progress_key=key)
+    assert json.load(open(path, encoding="utf-8"))["batches"] == 2
+    lines = []
+    resumed = fragile.evaluate_model(model, dataset, config, STANDARD, out=lines.append,
+                                     progress_path=path, progress_key=key)
+    assert resumed == {**whole, "resumed_after_batch": 2}
+    assert lines[0].startswith("resuming the evaluation after batch 2")
+    assert [line.split(":")[0] for line in lines[1:]] == ["  robust images 12/12"]
+    # Progress made under another key (another checkpoint or settings) is not used.
+    again = fragile.evaluate_model(model, dataset, config, STANDARD,
+                                   progress_path=path, progress_key={"checkpoint": "y"})
+    assert again == whole
+
+
 # ----------------------------------------------------------------------------------------
 # Foundation fix found here: atomic writes left every output readable by its owner only
 

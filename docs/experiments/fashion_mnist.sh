@@ -139,7 +139,10 @@ fi
 # the folded-BN analysis (m/b) of NORMAL, ADV and BN PARAMS.
 if [[ $PART == fragile || $PART == all ]]; then
   F=configs/fragile/fashion_mnist
-  FARGS=(--num_robust_examples $ATTACKED --pgd_steps 20 --pgd_step_size 2.55)
+  # AutoAttack's standard version on survivors, as the paper ran it: exact for these models
+  # (population statistics, a per-image forward), and no attack runs on an image already broken.
+  FARGS=(--num_robust_examples $ATTACKED --autoattack standard --pgd_steps 20
+         --pgd_step_size 2.55)
   # One row at a time, so each finished row (its final checkpoint and its evaluation,
   # fragile_eval.json) is kept in docs/ at once; NORMAL first, the fine-tuned rows start from it.
   # The models live where the configs put them (model_dir models/fragile_fashion_mnist/KEY).

@@ -9,12 +9,16 @@ A config folder holds one config per row of the paper's Table 2, named by the ro
 resumes a run that was interrupted, returns at once for one that is complete; the fine-tuned
 rows start from `init_checkpoint`, the NORMAL row's model_dir, so NORMAL comes first),
 evaluates the final checkpoint and caches the result in `<model_dir>/fragile_eval.json`
-(reused while checkpoint and evaluation settings are unchanged). Then it writes to --output:
+(reused while checkpoint and evaluation settings are unchanged; a stopped evaluation
+continues after its last finished batch, `fragile_eval.partial.json`). Then it writes to
+--output:
 
-* `table.md` and `table.json`: clean error on the whole test set, robust error under the
-  AutoAttack-style ensemble (`madry_ns.attacks.autoattack_style`: APGD-CE, APGD-T,
-  Square, per-image worst case) and under PGD on the first N test images, the PGD
-  cross-entropy, beside the paper's numbers;
+* `table.md` and `table.json`: clean error on the whole test set, robust error under
+  AutoAttack and under PGD on the first N test images, the PGD cross-entropy, beside the
+  paper's numbers. `--autoattack standard` is AutoAttack's standard version (APGD-CE,
+  APGD-T, FAB-T, Square) on survivors, as the paper ran it; the default `legacy` is the
+  earlier ensemble (`madry_ns.attacks.autoattack_style`: APGD-CE, APGD-T, Square on the
+  fixed batch, per-image worst case), which the digits record was made with;
 * `bn_analysis/`: the folded-BN analysis (`madry_ns.studies.fragile_bn`) on NORMAL, ADV
   and BN PARAMS (those of them that ran), differences against NORMAL.
 
@@ -83,10 +87,19 @@ ROW_BY_KEY = {row.key: row for row in ROWS}
 ANALYSIS_ROWS = ("normal", "adv", "bn_params")  # the paper's Figures 1 and 2
 
 
+# How the AutoAttack column is made: 'standard' is AutoAttack's standard version (APGD-CE,
+# APGD-T, FAB-T, Square) under the official survivors protocol, exact here because every model
+# of this study classifies with population statistics (a per-image forward); 'legacy' is the
+# earlier fixed-batch ensemble without FAB-T (`attacks.autoattack_style`) that the digits
+# record was made with, kept so that it repeats.
+AUTOATTACK_VERSIONS = ("legacy", "standard")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How each model is evaluated; defaults are the paper's (AutoAttack standard on the
-    first 1000 test images) plus PGD-20."""
+    """How each model is evaluated; defaults are the paper's (AutoAttack on the first 1000
+    test images) plus PGD-20. `aa_steps` and `aa_targets` are APGD's and, under 'standard',
+    FAB-T's too; `aa_restarts` is APGD-CE's."""
 
     num_robust_examples: int = 1000
     aa_steps: int = 100
@@ -95,6 +108,18 @@ class Settings:
     aa_queries: int = 5000
     pgd_steps: int = 20
     pgd_step_size: float | None = None  # None: the config's step_size
+    autoattack: str = "legacy"
+
+    def __post_init__(self):
+        if self.autoattack not in AUTOATTACK_VERSIONS:
+            raise ConfigError(f"--autoattack {self.autoattack}: expected one of "
+                              f"{', '.join(AUTOATTACK_VERSIONS)}")
+
+    def attack_names(self) -> tuple:
+        """The AutoAttack column's attacks, in the order they run."""
+        from madry_ns import attacks
+
+        return attacks.ATTACKS if self.autoattack == "legacy" else attacks.VERSIONS["standard"]
 
 
 def check_row(row: Row, config, path: str) -> None:
@@ -151,26 +176,62 @@ def load_rows(config_dir: str, keys: list[str] | None = None) -> list[tuple[Row,
 def describe_evaluation(config, settings: Settings) -> dict:
     """Labels saying how the numbers are made."""
     step = settings.pgd_step_size or config.step_size
-    return {
-        "inference": "population statistics (PN), the same forward for every attack "
-                     "(white-box)",
-        "autoattack": f"AutoAttack-style ensemble (madry_ns.autoattack): APGD-CE "
+    if settings.autoattack == "legacy":
+        autoattack = (f"AutoAttack-style ensemble (madry_ns.autoattack): APGD-CE "
                       f"{settings.aa_steps} steps x {settings.aa_restarts} restart(s), "
                       f"APGD-T {settings.aa_steps} steps x {settings.aa_targets} targets, "
                       f"Square {settings.aa_queries} queries; no FAB-T; eps "
-                      f"{config.epsilon:g}/255",
+                      f"{config.epsilon:g}/255")
+    else:
+        autoattack = (f"AutoAttack standard (madry_ns.attacks.auto_attack): APGD-CE "
+                      f"{settings.aa_steps} steps x {settings.aa_restarts} restart(s), "
+                      f"APGD-T and FAB-T {settings.aa_steps} steps x {settings.aa_targets} "
+                      f"targets, Square {settings.aa_queries} queries, each on the images "
+                      f"the earlier ones left robust (the official survivors protocol); eps "
+                      f"{config.epsilon:g}/255")
+    return {
+        "inference": "population statistics (PN), the same forward for every attack "
+                     "(white-box)",
+        "autoattack": autoattack,
+        "autoattack_version": settings.autoattack,
         "pgd": f"PGD-{settings.pgd_steps} (xent, eps {config.epsilon:g}/255, step {step:g}, "
                f"random start)",
     }
 
 
-def evaluate_model(model, dataset, config, settings: Settings) -> dict:
+def _ensemble(logits_fn, config, settings: Settings):
+    """The AutoAttack column's attack as `fn(x, y, seed) -> dict of [B] bool correct`."""
+    from madry_ns import attacks
+
+    if settings.autoattack == "legacy":
+        return attacks.compile_attack(
+            attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
+            num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
+            num_targets=settings.aa_targets, square_num_steps=settings.aa_queries)
+    params = attacks.AutoAttackParams(
+        apgd_steps=settings.aa_steps, apgd_restarts=settings.aa_restarts,
+        apgd_targets=settings.aa_targets, fab_steps=settings.aa_steps,
+        fab_targets=settings.aa_targets, square_queries=settings.aa_queries)
+    return attacks.compile_attack(attacks.auto_attack, logits_fn,
+                                  epsilon=float(config.epsilon), params=params, survivors=True)
+
+
+def evaluate_model(model, dataset, config, settings: Settings, out=None,
+                   progress_path: str | None = None, progress_key: dict | None = None) -> dict:
     """Clean error on the whole test set; on the first `num_robust_examples` test images the
-    robust error under the AutoAttack-style ensemble, under PGD, and under both (an image
-    counts as robust only if it survives every attack). Population statistics throughout."""
+    robust error under AutoAttack (`settings.autoattack`), under PGD, and under both (an
+    image counts as robust only if it survives every attack). Population statistics
+    throughout.
+
+    The robust errors are counted batch by batch, and every batch's attacks are seeded by
+    its index. With `progress_path`, the counts so far are written there after each batch
+    (with `progress_key`), and a run that finds a file with the same key there continues
+    after its last batch: a stopped evaluation resumes to the uninterrupted result. `out`
+    gets one progress line per batch.
+    """
     import tensorflow as tf
 
-    from madry_ns import attacks, data, evaluation, inference, seeds
+    from madry_ns import attacks, data, evaluation, files, inference, seeds
 
     n = settings.num_robust_examples
     if n > len(dataset.test_images):
@@ -190,16 +251,27 @@ def evaluate_model(model, dataset, config, settings: Settings) -> dict:
     def logits_fn(x):
         return population(x, seeds.reference_draw(config, 0))
 
-    ensemble = attacks.compile_attack(
-        attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
-        num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
-        num_targets=settings.aa_targets, square_num_steps=settings.aa_queries)
-    names = ("clean",) + attacks.ATTACKS + ("robust", "pgd", "all")
-    counts = dict.fromkeys(names, 0)
-    xent = {"clean": 0.0, "pgd": 0.0}
+    ensemble = _ensemble(logits_fn, config, settings)
+    names = ("clean",) + settings.attack_names() + ("robust", "pgd", "all")
+    state = {"key": progress_key, "batches": 0, "counts": dict.fromkeys(names, 0),
+             "xent": {"clean": 0.0, "pgd": 0.0}}
+    resumed = 0
+    if progress_path and os.path.exists(progress_path):
+        with open(progress_path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored.get("key") == progress_key:
+            state = stored
+            resumed = state["batches"]
+            if out:
+                out(f"resuming the evaluation after batch {state['batches']} "
+                    f"({progress_path})")
+    counts, xent = state["counts"], state["xent"]
     batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
                                 config.eval_batch_size)
+    start = time.perf_counter()
     for i, (x, y) in enumerate(batches):
+        if i < state["batches"]:
+            continue
         seed = tf.constant([config.np_random_seed, i], tf.int64)
         correct = {k: v.numpy() for k, v in
                    ensemble(tf.constant(x), tf.constant(y), seed).items() if k != "x_adv"}
@@ -211,17 +283,30 @@ def evaluate_model(model, dataset, config, settings: Settings) -> dict:
         xent["pgd"] += float(tf.reduce_sum(attacks.xent_loss(pgd_logits, y)))
         for name in names:
             counts[name] += int(np.sum(correct[name]))
+        state["batches"] = i + 1
+        if progress_path:
+            files.atomic_write_text(progress_path, json.dumps(state) + "\n")
+        if out:
+            seen = min(n, state["batches"] * config.eval_batch_size)
+            out(f"  robust images {seen}/{n}: AutoAttack {counts['robust']}, PGD "
+                f"{counts['pgd']}, both {counts['all']} "
+                f"({time.perf_counter() - start:.0f} s this run)")
 
     def error(name):
         return 100.0 * (1.0 - counts[name] / n)
 
+    # Under the survivors protocol an attack runs only on the images the earlier ones left
+    # robust, so its count is the images it broke on top of them, not its error alone.
+    per_attack = ("error_per_attack" if settings.autoattack == "legacy"
+                  else "newly_broken_per_attack")
     return {
         "clean_error": 100.0 * clean_error, "num_test_examples": len(dataset.test_images),
         "robust_error_autoattack": error("robust"), "robust_error_pgd": error("pgd"),
         "robust_error_worst": error("all"), "clean_error_first_n": error("clean"),
-        "error_per_attack": {name: error(name) for name in attacks.ATTACKS},
+        per_attack: {name: error(name) for name in settings.attack_names()},
         "pgd_xent_adv": xent["pgd"] / n, "pgd_xent_clean": xent["clean"] / n,
         "num_robust_examples": n, **describe_evaluation(config, settings),
+        **({"resumed_after_batch": resumed} if resumed else {}),
     }
 
 
@@ -249,7 +334,9 @@ def run_row(row: Row, config, settings: Settings, out=print) -> dict:
     model = build_model(config)
     checkpoints.load_weights(model, checkpoint)
     start = time.perf_counter()
-    result = evaluate_model(model, dataset, config, settings)
+    progress_path = os.path.join(config.model_dir, "fragile_eval.partial.json")
+    result = evaluate_model(model, dataset, config, settings, out=out,
+                            progress_path=progress_path, progress_key=key)
     counts = finetune.parameter_counts(model, config)
     record = {**key, "row": row.key, "label": row.label, "dataset": dataset.source,
               "model": config.model, "model_width": config.model_width,
@@ -258,9 +345,11 @@ def run_row(row: Row, config, settings: Settings, out=print) -> dict:
               "steps": checkpoints.checkpoint_step(checkpoint),
               "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
               "train_seconds_this_call": round(train_seconds, 1),
+              # A resumed evaluation's seconds are this call's only (resumed_after_batch).
               "eval_seconds": round(time.perf_counter() - start, 1), **result}
     files.atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
-    out(f"clean error {result['clean_error']:.2f}%, robust error (AutoAttack-style) "
+    os.remove(progress_path)
+    out(f"clean error {result['clean_error']:.2f}%, robust error ({_autoattack_name(record)}) "
         f"{result['robust_error_autoattack']:.2f}%, (PGD) {result['robust_error_pgd']:.2f}%")
     return record
 
@@ -269,9 +358,10 @@ def table(records: list[dict]) -> str:
     """Table 2's layout, ours beside the paper's."""
     first = records[0]
     n = first["num_robust_examples"]
+    name = _autoattack_name(first)
     lines = [
         "| Model | `trainable` | start | trainable params | clean error % | robust error % "
-        "(AutoAttack-style) | robust error % (PGD) | robust error % (both) | PGD adv. xent | "
+        f"({name}) | robust error % (PGD) | robust error % (both) | PGD adv. xent | "
         "paper clean error % | paper robust error % (AutoAttack) |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -291,7 +381,7 @@ def table(records: list[dict]) -> str:
         f"Ours: {', '.join(datasets)}; {first['model']} width "
         f"{first['model_width'] or 1}. Clean error on all {first['num_test_examples']} test "
         f"images; robust errors on the first {n}. Inference: {first['inference']}.",
-        f"AutoAttack-style: {first['autoattack']}. PGD: {first['pgd']}. \"both\": an image "
+        f"{name}: {first['autoattack']}. PGD: {first['pgd']}. \"both\": an image "
         f"counts as robust only if it survives both.",
         "Paper: CIFAR-10, ResNet-20, AutoAttack (standard) on the first 1000 test images, "
         "L-inf eps 8/255.",
@@ -300,6 +390,12 @@ def table(records: list[dict]) -> str:
         lines.append("**These numbers are not comparable to the paper's**: other data, "
                      "budget and epsilon; only the ordering of the rows can be compared.")
     return "\n".join(lines) + "\n"
+
+
+def _autoattack_name(record: dict) -> str:
+    """The AutoAttack column's name for a record (records before 'standard' were legacy)."""
+    return ("AutoAttack-style" if record.get("autoattack_version", "legacy") == "legacy"
+            else "AutoAttack")
 
 
 def run(config_dir: str, output_dir: str, settings: Settings,
@@ -348,6 +444,10 @@ def main(argv=None, prog: str = "python -m madry_ns.studies.fragile") -> int:
                         help="APGD-T target classes (AutoAttack: 9)")
     parser.add_argument("--aa_queries", type=int, default=defaults.aa_queries,
                         help="Square queries (AutoAttack: 5000)")
+    parser.add_argument("--autoattack", choices=AUTOATTACK_VERSIONS, default=defaults.autoattack,
+                        help="standard: AutoAttack's standard version on survivors (the "
+                        "paper's); legacy: the earlier fixed-batch ensemble without FAB-T, "
+                        "which the digits record used (default, so that it repeats)")
     parser.add_argument("--pgd_steps", type=int, default=defaults.pgd_steps)
     parser.add_argument("--pgd_step_size", type=float, default=None,
                         help="0-255 scale (default: the config's step_size)")
@@ -359,7 +459,7 @@ def main(argv=None, prog: str = "python -m madry_ns.studies.fragile") -> int:
 def _main(args) -> None:
     settings = Settings(args.num_robust_examples, args.aa_steps, args.aa_restarts,
                             args.aa_targets, args.aa_queries, args.pgd_steps,
-                            args.pgd_step_size)
+                            args.pgd_step_size, args.autoattack)
     run(args.config_dir, args.output, settings, args.rows, not args.no_analysis)
 
 
