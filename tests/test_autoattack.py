@@ -158,6 +158,34 @@ def test_survivors_and_fixed_batches_agree_image_by_image_on_a_per_image_model(d
     np.testing.assert_array_equal(np.argmax(logits_fn(out[True]["x_adv"]), 1) == y, robust)
 
 
+def test_survivors_of_a_whole_set_rebatched_equal_one_batch_and_resume_chunk_by_chunk(
+        digits_model):
+    """`auto_attack_survivors` (the official re-batching) against `auto_attack` on the whole
+    set as one batch: image by image the same, in chunks of 3; and a run stopped after any
+    chunk, given its last state, finishes with the same flags."""
+    model, x, y = digits_model
+
+    def logits_fn(z, draw=None):
+        return model(z, training=False)
+
+    one = attacks.auto_attack(logits_fn, x, y, epsilon=24.0, params=SMALL, survivors=True,
+                              seed=SEED)
+    states = []
+    whole = attacks.auto_attack_survivors(
+        logits_fn, x, y, epsilon=24.0, batch_size=3, params=SMALL, seed=SEED,
+        on_chunk=lambda s: states.append(json.loads(json.dumps(s))))
+    for name in ("clean", "robust") + SMALL.attacks:
+        np.testing.assert_array_equal(whole[name], np.asarray(one[name]), err_msg=name)
+    assert 0 < whole["robust"].sum() < whole["clean"].sum()
+    assert len(states) > len(SMALL.attacks) + 1  # the clean pass, the chunks, each attack's end
+    for stopped in (states[0], states[len(states) // 2]):
+        again = attacks.auto_attack_survivors(
+            logits_fn, x, y, epsilon=24.0, batch_size=3, params=SMALL,
+            seed=SEED, state=json.loads(json.dumps(stopped)))
+        for name in whole:
+            np.testing.assert_array_equal(again[name], whole[name], err_msg=name)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
 def test_survivors_skip_an_attack_with_no_image_left_to_attack(compiled):
     """A batch the model gets all wrong leaves no survivors: every attack is skipped (the

@@ -491,6 +491,16 @@ def test_ablation_markdown_and_heat_map(tmp_path):
     assert "PGD generated on PN" in md and "exact adaptive" in md
     evaluate.ablation_heatmap(result, str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not measured yet" not in md
+    # A grid still running: the cells and checkpoints not measured yet show '-'.
+    result["checkpoints"]["1:7"] = "c"
+    for kind in grid:
+        del grid[kind]["1:3"]["3"]
+    md = evaluate.ablation_markdown(result)
+    assert "| 1:3 | 20.00 | - |" in md and "| 1:7 | - | - |" in md
+    assert "'-': not measured yet (3 of 6 cells)." in md
+    evaluate.ablation_heatmap(result, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _trained_checkpoint(tmp_path):

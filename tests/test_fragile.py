@@ -574,25 +574,25 @@ STANDARD = fragile.Settings(num_robust_examples=12, aa_steps=3, aa_targets=2, aa
 
 
 def test_standard_autoattack_on_survivors_counts_what_the_fixed_batch_protocol_counts(tmp_path):
-    """The study's 'standard' column (survivors, as the paper's AutoAttack) against the same
-    attacks run on every image of the fixed batch, batch by batch with the same seeds: on
-    these per-image (population) forwards both must find the same robust images."""
-    from madry_ns import attacks, data, inference, seeds
+    """The study's 'standard' column (the official protocol: survivors of the whole set,
+    re-batched) against the same attacks run on every image of the fixed batch: on these
+    per-image (population) forwards both must find the same robust images."""
+    from madry_ns import attacks, inference, seeds
 
     config, model, dataset = _eval_setup(tmp_path)
     record = fragile.evaluate_model(model, dataset, config, STANDARD)
     population = inference.forward(model, config, dataset, "population")
     params = attacks.AutoAttackParams(apgd_steps=3, apgd_targets=2, fab_steps=3,
                                       fab_targets=2, square_queries=4)
-    robust = 0
-    for i, (x, y) in enumerate(data.eval_batches(dataset.test_images, dataset.test_labels,
-                                                 12, 4)):
-        out = attacks.auto_attack(lambda z: population(z, seeds.reference_draw(config, 0)),
-                                  tf.constant(x), tf.constant(y), epsilon=config.epsilon,
-                                  params=params, survivors=False,
-                                  seed=tf.constant([config.np_random_seed, i], tf.int64))
-        robust += int(np.sum(out["robust"].numpy()))
+    fixed = attacks.auto_attack(
+        lambda z: population(z, seeds.reference_draw(config, 0)),
+        tf.constant(dataset.test_images[:12]), tf.constant(dataset.test_labels[:12]),
+        epsilon=config.epsilon, params=params, survivors=False,
+        seed=tf.constant([config.np_random_seed, 0], tf.int64))
+    robust = int(np.sum(fixed["robust"].numpy()))
     assert record["robust_error_autoattack"] == pytest.approx(100.0 * (1 - robust / 12))
+    assert record["clean_error_first_n"] == pytest.approx(
+        100.0 * (1 - np.mean(fixed["clean"].numpy())))
     assert set(record["newly_broken_per_attack"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     assert record["autoattack_version"] == "standard" and "survivors" in record["autoattack"]
     assert "| robust error % (AutoAttack) |" in fragile.table(
@@ -603,33 +603,42 @@ def test_standard_autoattack_on_survivors_counts_what_the_fixed_batch_protocol_c
         fragile.Settings(autoattack="bogus")
 
 
-def test_a_stopped_evaluation_resumes_after_its_last_batch_to_the_uninterrupted_result(
-        tmp_path):
+@pytest.mark.parametrize("version, stop_at", [
+    ("standard", "  PGD: 8/12 images"), ("standard", "  AutoAttack apgd-t"),
+    ("legacy", "  PGD and the ensemble: 8/12 images")])
+def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, version, stop_at):
+    import dataclasses
+
     config, model, dataset = _eval_setup(tmp_path)
-    whole = fragile.evaluate_model(model, dataset, config, STANDARD)
+    settings = dataclasses.replace(STANDARD, autoattack=version)
+    whole = fragile.evaluate_model(model, dataset, config, settings)
     path, key = str(tmp_path / "fragile_eval.partial.json"), {"checkpoint": "x", "n": 1}
 
     class Stop(Exception):
         pass
 
-    def stop_after_two(line):
-        if line.startswith("  robust images 8/12"):
+    def stop(line):
+        if line.startswith(stop_at):
             raise Stop
 
     with pytest.raises(Stop):
-        fragile.evaluate_model(model, dataset, config, STANDARD, out=stop_after_two,
+        fragile.evaluate_model(model, dataset, config, settings, out=stop,
                                progress_path=path, progress_key=key)
-    assert json.load(open(path, encoding="utf-8"))["batches"] == 2
     lines = []
-    resumed = fragile.evaluate_model(model, dataset, config, STANDARD, out=lines.append,
+    resumed = fragile.evaluate_model(model, dataset, config, settings, out=lines.append,
                                      progress_path=path, progress_key=key)
-    assert resumed == {**whole, "resumed_after_batch": 2}
-    assert lines[0].startswith("resuming the evaluation after batch 2")
-    assert [line.split(":")[0] for line in lines[1:]] == ["  robust images 12/12"]
-    # Progress made under another key (another checkpoint or settings) is not used.
-    again = fragile.evaluate_model(model, dataset, config, STANDARD,
+    assert lines[0].startswith("resuming the evaluation")
+    assert {k: v for k, v in resumed.items() if k != "resumed_from"} == whole
+    assert resumed["resumed_from"]["batches"] == (2 if "8/12" in stop_at else 3)
+    # Progress made under another key (another checkpoint or settings), or a file of another
+    # layout, is not used.
+    again = fragile.evaluate_model(model, dataset, config, settings,
                                    progress_path=path, progress_key={"checkpoint": "y"})
     assert again == whole
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"key": key, "batches": 2, "counts": {}}, f)
+    assert fragile.evaluate_model(model, dataset, config, settings, progress_path=path,
+                                  progress_key=key) == whole
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@
 # models/fashion_mnist, DOCS (where results and kept models go) to docs/fashion_mnist.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
+export PYTHONUNBUFFERED=1  # progress lines reach the tee'd logs as they are printed
 MODELS=${MODELS:-models/fashion_mnist}
 DOCS=${DOCS:-docs/fashion_mnist}
 C=configs/fashion_mnist

@@ -14,8 +14,9 @@ Module            Attack (paper; reference code)
 `fast_adaptive_boundary`
                   `fab`: FAB and FAB-T, L-inf (Croce & Hein 2020; auto-attack `fab_base.py`)
 `square_attack`   `square`, L-inf (Andriushchenko et al. 2020; auto-attack `square.py`)
-`autoattack`      `auto_attack`: the versions standard/plus/rand/custom; `autoattack_style`:
-                  the earlier ensemble (Croce & Hein 2020; auto-attack)
+`autoattack`      `auto_attack`: the versions standard/plus/rand/custom; `auto_attack_survivors`:
+                  the official protocol over a whole set; `autoattack_style`: the earlier
+                  ensemble (Croce & Hein 2020; auto-attack)
 
 Calling convention. An attack is a plain function of `(logits_fn, x, y, **params)` or, for
 the two that ascend any loss (`pgd`, `eot_pgd`), of `(loss_fn, x, **params)`; Madry's
@@ -38,7 +39,8 @@ AutoAttack: docs/attacks_choice.md and `madry_ns.attacks.autoattack`.
 
 from madry_ns.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_single_run, apgd_targeted
 from madry_ns.attacks.autoattack import (ATTACKS, AUTOATTACK_ATTACKS, VERSIONS,
-                                         AutoAttackParams, auto_attack, autoattack_style,
+                                         AutoAttackParams, auto_attack,
+                                         auto_attack_survivors, autoattack_style,
                                          version_params)
 from madry_ns.attacks.carlini_wagner import carlini_wagner_l2
 from madry_ns.attacks.cleverhans_tf2 import cleverhans_patched, cleverhans_pgd, fgsm, mim
@@ -56,7 +58,7 @@ from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_eps
 __all__ = [
     "APGD_LOSSES", "ATTACKS", "AUTOATTACK_ATTACKS", "AutoAttackParams", "LOSSES", "PIXEL_MAX",
     "PIXEL_MIN", "SQUARE_P_HALVINGS", "VERSIONS", "apgd", "apgd_single_run", "apgd_targeted",
-    "auto_attack", "autoattack_style", "carlini_wagner_l2", "check_count", "check_epsilon",
+    "auto_attack", "auto_attack_survivors", "autoattack_style", "carlini_wagner_l2", "check_count", "check_epsilon",
     "check_linf", "check_params", "cleverhans_patched", "cleverhans_pgd", "compile_attack",
     "compile_pgd", "config_params", "cw_loss", "deepfool", "dlr_loss", "dlr_loss_targeted",
     "eot_pgd", "fab", "fab_single_run", "fgsm", "fold_seed", "get_loss", "int64_labels",

@@ -19,9 +19,10 @@ x on 0-255 and labels y.
 Every random draw of `auto_attack` is per image (seeded by the image's position in the batch)
 and every step is per image, so on a per-image model both protocols give the same result
 image by image; survivors only costs less. Deviations from the official code besides the
-protocol: each attack's own module; survivors are taken within each batch the caller passes
-(the official code re-batches the survivors of the whole test set); FAB-T and APGD-T run one
-restart per target in every version, as the official code hard-codes.
+protocol: each attack's own module; `auto_attack` takes survivors within each batch the caller
+passes, `auto_attack_survivors` re-batches the survivors of a whole set, as the official code
+does; FAB-T and APGD-T run one restart per target in every version, as the official code
+hard-codes.
 
 `autoattack_style`, the suite's earlier ensemble (its `legacy` version), kept as it was so that
 recorded results repeat. How it differs from the official AutoAttack (documented in
@@ -250,3 +251,76 @@ def autoattack_style(logits_fn: Callable, x, y, *, epsilon: float, num_steps: in
     result["x_adv"] = tf.where(per_image(result["clean"], x), x_adv, x)
     result["robust"] = robust
     return result
+
+
+def auto_attack_survivors(logits_fn: Callable, x, y, *, epsilon: float, batch_size: int,
+                          params: AutoAttackParams = AutoAttackParams(), seed=(0, 0),
+                          state: dict | None = None, on_chunk: Callable | None = None) -> dict:
+    """AutoAttack's official survivors protocol over a whole set (per-image forwards only).
+
+    As the official `run_standard_evaluation`: one clean pass, then each attack of
+    `params.attacks` in turn on every image still robust, re-batched in chunks of
+    `batch_size`, so an attack costs its steps once per chunk of survivors, not once per
+    batch of the set. `x`, `y` are arrays of the whole set; image j's random draws come from
+    fold(seed, j), so the result does not depend on `batch_size` and equals `auto_attack`
+    with survivors on the whole set as one batch.
+
+    After each chunk `on_chunk(state)` gets a JSON-able dict (the attack and chunk reached,
+    the flags so far); passing it back as `state` continues after that chunk. Returns numpy
+    [N] bool arrays: "clean", one per attack (classified correctly in its output; images it
+    did not run on count as correct) and "robust".
+    """
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    n = len(x)
+    check_count("batch_size", batch_size, 1)
+    seed = tf.constant(seed, tf.int64)
+
+    @tf.function(reduce_retracing=True)
+    def classify(images, labels):
+        return tf.equal(tf.argmax(logits_fn(images), 1), labels)
+
+    compiled = {}
+
+    def attack(name, xs, ys, ids):
+        if name not in compiled:
+            @tf.function(reduce_retracing=True)
+            def run(xs, ys, ids, name=name):
+                adv = _run_attack(name, logits_fn, xs, ys, params, epsilon, seed, True, ids)
+                return classify(adv, ys)
+            compiled[name] = run
+        return compiled[name](xs, ys, ids)
+
+    if state is None:
+        clean = np.concatenate([classify(x[i:i + batch_size], y[i:i + batch_size]).numpy()
+                                for i in range(0, n, batch_size)])
+        state = {"clean": clean.tolist(), "attack": 0, "chunk": 0,
+                 "survivors": np.flatnonzero(clean).tolist(),
+                 "correct": {name: [True] * n for name in params.attacks}}
+        if on_chunk is not None:
+            on_chunk(state)
+    correct = {name: np.array(v, bool) for name, v in state["correct"].items()}
+    robust = np.array(state["clean"], bool)
+    for name in params.attacks:
+        robust &= correct[name]
+    while state["attack"] < len(params.attacks):
+        name = params.attacks[state["attack"]]
+        survivors = np.array(state["survivors"], np.int64)
+        start = state["chunk"] * batch_size
+        if start < len(survivors):
+            ids = survivors[start:start + batch_size]
+            ok = attack(name, tf.constant(x[ids]), tf.constant(y[ids]),
+                        tf.constant(ids)).numpy()
+            correct[name][ids] = ok
+            robust[ids] &= ok
+            state["chunk"] += 1
+        else:  # the attack is done: the next one runs on what it left robust
+            state["attack"] += 1
+            state["chunk"] = 0
+            state["survivors"] = np.flatnonzero(robust).tolist()
+        state["correct"] = {k: v.tolist() for k, v in correct.items()}
+        if on_chunk is not None:
+            on_chunk(state)
+    return {"clean": np.array(state["clean"], bool), **correct, "robust": robust}

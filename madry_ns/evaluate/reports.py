@@ -137,6 +137,8 @@ _GRID_TITLES = {"clean": "clean accuracy",
 
 
 def ablation_markdown(result: dict, command: str = "") -> str:
+    """The grid in the paper's Table IV layout, one table per kind; a cell not measured yet
+    (a grid that is still running) shows '-'."""
     ratios = result["ratios"]
     lines = ["# Ablation: training ratio x inference ratio (paper Table IV layout)", ""]
     if command:
@@ -150,10 +152,22 @@ def ablation_markdown(result: dict, command: str = "") -> str:
         lines += [f"## {title} (%)", "",
                   "| training \\ inference | " + " | ".join(f"1:{r}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
-        for label, cells in result["grid"][kind].items():
-            lines.append(f"| {label} | " + " | ".join(pct(cells[str(r)]) for r in ratios) + " |")
+        for label in result["checkpoints"]:
+            cells = result["grid"][kind].get(label, {})
+            lines.append(f"| {label} | " + " | ".join(pct(cells.get(str(r))) for r in ratios)
+                         + " |")
         lines.append("")
+    missing = _missing_cells(result)
+    if missing:  # a grid still being measured (each cell is saved as it finishes)
+        lines += [f"'-': not measured yet ({missing} of "
+                  f"{len(ratios) * len(result['checkpoints'])} cells).", ""]
     return "\n".join(lines)
+
+
+def _missing_cells(result: dict) -> int:
+    grid = result["grid"]
+    return sum(not all(str(r) in grid[kind].get(label, {}) for kind in _GRID_TITLES)
+               for label in result["checkpoints"] for r in result["ratios"])
 
 
 def ablation_heatmap(result: dict, path: str) -> None:
@@ -164,13 +178,13 @@ def ablation_heatmap(result: dict, path: str) -> None:
     ratios = result["ratios"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(result["checkpoints"]) + 2.2))
     for ax, (kind, title) in zip(axes, _GRID_TITLES.items()):
-        labels = list(result["grid"][kind])
-        values = np.array([[100 * result["grid"][kind][l][str(r)] for r in ratios]
-                           for l in labels])
+        labels = list(result["checkpoints"])
+        values = np.array([[100 * result["grid"][kind].get(l, {}).get(str(r), np.nan)
+                            for r in ratios] for l in labels])
         ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
         for (a, b), v in np.ndenumerate(values):
-            ax.text(b, a, f"{v:.1f}", ha="center", va="center",
-                    color="white" if v < 60 else "black", fontsize=8)
+            ax.text(b, a, "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                    color="white" if np.isnan(v) or v < 60 else "black", fontsize=8)
         ax.set_xticks(range(len(ratios)))
         ax.set_xticklabels([f"1:{r}" for r in ratios])
         ax.set_yticks(range(len(labels)))

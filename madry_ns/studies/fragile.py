@@ -199,21 +199,14 @@ def describe_evaluation(config, settings: Settings) -> dict:
     }
 
 
-def _ensemble(logits_fn, config, settings: Settings):
-    """The AutoAttack column's attack as `fn(x, y, seed) -> dict of [B] bool correct`."""
+def _params(settings: Settings):
+    """The `attacks.AutoAttackParams` of the 'standard' column."""
     from madry_ns import attacks
 
-    if settings.autoattack == "legacy":
-        return attacks.compile_attack(
-            attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
-            num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
-            num_targets=settings.aa_targets, square_num_steps=settings.aa_queries)
-    params = attacks.AutoAttackParams(
+    return attacks.AutoAttackParams(
         apgd_steps=settings.aa_steps, apgd_restarts=settings.aa_restarts,
         apgd_targets=settings.aa_targets, fab_steps=settings.aa_steps,
         fab_targets=settings.aa_targets, square_queries=settings.aa_queries)
-    return attacks.compile_attack(attacks.auto_attack, logits_fn,
-                                  epsilon=float(config.epsilon), params=params, survivors=True)
 
 
 def evaluate_model(model, dataset, config, settings: Settings, out=None,
@@ -223,11 +216,13 @@ def evaluate_model(model, dataset, config, settings: Settings, out=None,
     image counts as robust only if it survives every attack). Population statistics
     throughout.
 
-    The robust errors are counted batch by batch, and every batch's attacks are seeded by
-    its index. With `progress_path`, the counts so far are written there after each batch
-    (with `progress_key`), and a run that finds a file with the same key there continues
-    after its last batch: a stopped evaluation resumes to the uninterrupted result. `out`
-    gets one progress line per batch.
+    PGD (and the legacy ensemble) run batch by batch, each batch seeded by its index;
+    'standard' then runs AutoAttack's attacks one after the other on the images still
+    robust, re-batched over all of them (`attacks.auto_attack_survivors`). With
+    `progress_path`, the outcomes so far are written there after each batch or chunk (with
+    `progress_key`), and a run that finds a file with the same key there continues from it:
+    a stopped evaluation resumes to the uninterrupted result. `out` gets a progress line
+    per batch or chunk.
     """
     import tensorflow as tf
 
@@ -237,6 +232,7 @@ def evaluate_model(model, dataset, config, settings: Settings, out=None,
     if n > len(dataset.test_images):
         raise ConfigError(f"--num_robust_examples {n} exceeds the {len(dataset.test_images)} "
                           f"test images of {dataset.source}")
+    say = out or (lambda line: None)
     classify = evaluation.make_classifier(model, config, dataset)
     predicted = evaluation.predict(classify, dataset.test_images, config.eval_batch_size)
     clean_error = float(np.mean(predicted != dataset.test_labels))
@@ -251,62 +247,88 @@ def evaluate_model(model, dataset, config, settings: Settings, out=None,
     def logits_fn(x):
         return population(x, seeds.reference_draw(config, 0))
 
-    ensemble = _ensemble(logits_fn, config, settings)
-    names = ("clean",) + settings.attack_names() + ("robust", "pgd", "all")
-    state = {"key": progress_key, "batches": 0, "counts": dict.fromkeys(names, 0),
-             "xent": {"clean": 0.0, "pgd": 0.0}}
-    resumed = 0
+    legacy = settings.autoattack == "legacy"
+    ensemble = attacks.compile_attack(
+        attacks.autoattack_style, logits_fn, epsilon=config.epsilon,
+        num_steps=settings.aa_steps, num_restarts=settings.aa_restarts,
+        num_targets=settings.aa_targets, square_num_steps=settings.aa_queries) if legacy \
+        else None
+    state = {"key": progress_key, "batches": 0, "pgd": [], "ensemble": {},
+             "xent": {"clean": 0.0, "pgd": 0.0}, "autoattack": None}
+    resumed = None
     if progress_path and os.path.exists(progress_path):
         with open(progress_path, encoding="utf-8") as f:
             stored = json.load(f)
-        if stored.get("key") == progress_key:
+        if stored.get("key") == progress_key and set(stored) == set(state):
             state = stored
-            resumed = state["batches"]
-            if out:
-                out(f"resuming the evaluation after batch {state['batches']} "
-                    f"({progress_path})")
-    counts, xent = state["counts"], state["xent"]
+            resumed = {"batches": state["batches"]}
+            if state["autoattack"]:
+                resumed["autoattack"] = {k: state["autoattack"][k] for k in ("attack", "chunk")}
+            say(f"resuming the evaluation ({progress_path}): {resumed}")
+
+    def save():
+        if progress_path:
+            files.atomic_write_text(progress_path, json.dumps(state) + "\n")
+
+    start = time.perf_counter()
+    x_all, y_all = dataset.test_images[:n], dataset.test_labels[:n]
     batches = data.eval_batches(dataset.test_images, dataset.test_labels, n,
                                 config.eval_batch_size)
-    start = time.perf_counter()
     for i, (x, y) in enumerate(batches):
         if i < state["batches"]:
             continue
-        seed = tf.constant([config.np_random_seed, i], tf.int64)
-        correct = {k: v.numpy() for k, v in
-                   ensemble(tf.constant(x), tf.constant(y), seed).items() if k != "x_adv"}
+        if legacy:
+            seed = tf.constant([config.np_random_seed, i], tf.int64)
+            for k, v in ensemble(tf.constant(x), tf.constant(y), seed).items():
+                if k != "x_adv":
+                    state["ensemble"].setdefault(k, []).extend(v.numpy().tolist())
         clean_logits, pgd_logits = classify(x), classify(pgd(x, y, i))
-        correct["pgd"] = np.logical_and(correct["clean"],
-                                        np.argmax(pgd_logits.numpy(), 1) == y)
-        correct["all"] = np.logical_and(correct["robust"], correct["pgd"])
-        xent["clean"] += float(tf.reduce_sum(attacks.xent_loss(clean_logits, y)))
-        xent["pgd"] += float(tf.reduce_sum(attacks.xent_loss(pgd_logits, y)))
-        for name in names:
-            counts[name] += int(np.sum(correct[name]))
+        state["pgd"].extend((np.argmax(pgd_logits.numpy(), 1) == y).tolist())
+        state["xent"]["clean"] += float(tf.reduce_sum(attacks.xent_loss(clean_logits, y)))
+        state["xent"]["pgd"] += float(tf.reduce_sum(attacks.xent_loss(pgd_logits, y)))
         state["batches"] = i + 1
-        if progress_path:
-            files.atomic_write_text(progress_path, json.dumps(state) + "\n")
-        if out:
-            seen = min(n, state["batches"] * config.eval_batch_size)
-            out(f"  robust images {seen}/{n}: AutoAttack {counts['robust']}, PGD "
-                f"{counts['pgd']}, both {counts['all']} "
-                f"({time.perf_counter() - start:.0f} s this run)")
+        save()
+        say(f"  PGD{' and the ensemble' if legacy else ''}: {len(state['pgd'])}/{n} images "
+            f"({time.perf_counter() - start:.0f} s this run)")
+    if legacy:
+        outcome = {k: np.array(v, bool) for k, v in state["ensemble"].items()}
+    else:
+        params = _params(settings)
 
-    def error(name):
-        return 100.0 * (1.0 - counts[name] / n)
+        def on_chunk(aa_state):
+            state["autoattack"] = aa_state
+            save()
+            step = min(aa_state["attack"], len(params.attacks) - 1)
+            robust = np.array(aa_state["clean"], bool)
+            for v in aa_state["correct"].values():
+                robust &= np.array(v, bool)
+            left = len(aa_state["survivors"])
+            done = min(aa_state["chunk"] * config.eval_batch_size, left)
+            say(f"  AutoAttack {params.attacks[step]}: {done}/{left} survivors done, "
+                f"{int(robust.sum())}/{n} robust ({time.perf_counter() - start:.0f} s this run)")
+
+        outcome = attacks.auto_attack_survivors(
+            logits_fn, x_all, y_all, epsilon=float(config.epsilon),
+            batch_size=config.eval_batch_size, params=params,
+            seed=(config.np_random_seed, 0), state=state["autoattack"], on_chunk=on_chunk)
+    pgd_ok = np.logical_and(outcome["clean"], np.array(state["pgd"], bool))
+    both = np.logical_and(outcome["robust"], pgd_ok)
+
+    def error(correct):
+        return 100.0 * (1.0 - int(np.sum(correct)) / n)
 
     # Under the survivors protocol an attack runs only on the images the earlier ones left
     # robust, so its count is the images it broke on top of them, not its error alone.
-    per_attack = ("error_per_attack" if settings.autoattack == "legacy"
-                  else "newly_broken_per_attack")
+    per_attack = "error_per_attack" if legacy else "newly_broken_per_attack"
+    xent = state["xent"]
     return {
         "clean_error": 100.0 * clean_error, "num_test_examples": len(dataset.test_images),
-        "robust_error_autoattack": error("robust"), "robust_error_pgd": error("pgd"),
-        "robust_error_worst": error("all"), "clean_error_first_n": error("clean"),
-        per_attack: {name: error(name) for name in settings.attack_names()},
+        "robust_error_autoattack": error(outcome["robust"]), "robust_error_pgd": error(pgd_ok),
+        "robust_error_worst": error(both), "clean_error_first_n": error(outcome["clean"]),
+        per_attack: {name: error(outcome[name]) for name in settings.attack_names()},
         "pgd_xent_adv": xent["pgd"] / n, "pgd_xent_clean": xent["clean"] / n,
         "num_robust_examples": n, **describe_evaluation(config, settings),
-        **({"resumed_after_batch": resumed} if resumed else {}),
+        **({"resumed_from": resumed} if resumed else {}),
     }
 
 
@@ -345,7 +367,7 @@ def run_row(row: Row, config, settings: Settings, out=print) -> dict:
               "steps": checkpoints.checkpoint_step(checkpoint),
               "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
               "train_seconds_this_call": round(train_seconds, 1),
-              # A resumed evaluation's seconds are this call's only (resumed_after_batch).
+              # A resumed evaluation's seconds are this call's only (resumed_from).
               "eval_seconds": round(time.perf_counter() - start, 1), **result}
     files.atomic_write_text(cache_path, json.dumps(record, indent=2) + "\n")
     os.remove(progress_path)
