@@ -305,6 +305,29 @@ def test_the_fashion_mnist_paired_comparisons_are_computed_from_the_per_image_ou
             {k: o[k].astype(float) for k in keys.values()} for o in outcomes))
 
 
+def test_the_fashion_mnist_table_iv_grids_are_those_of_its_ablation_json():
+    """The Table IV section shows the paper's grid, then the study's three grids exactly as
+    `shaping.table` renders docs/fashion_mnist/table4/ablation.json (cells not run yet as
+    '-'), for the four checkpoints and six inference ratios the issue asks for; and it says
+    'In progress' for as long as a cell is missing."""
+    from madry_ns.studies import shaping
+
+    with open(os.path.join(FASHION, "table4", "ablation.json"), encoding="utf-8") as f:
+        grid = json.load(f)
+    assert {label: os.path.basename(path) for label, path in grid["checkpoints"].items()} == {
+        "1:0": "madry_pgd", "1:1": "shaping_pgd_r1", "1:3": "shaping_pgd",
+        "1:7": "shaping_pgd_r7"}
+    assert grid["ratios"] == [0, 1, 3, 9, 19, 49]
+    assert (grid["num_examples"], grid["attack_examples"]) == (10000, 1000)
+    section = _fashion_doc().split("## Table IV: training ratio x inference ratio", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rendered = shaping.table(grid)
+    tables = _tables(section)
+    assert tables[0][2].startswith("| 1:1 | 0.477 |")  # the paper's, then ours
+    assert tables[1:] == _tables(rendered)
+    assert ("not measured yet" in rendered) == ("**In progress**" in section)
+
+
 RNA_RECORDS = sorted(glob.glob(os.path.join(FASHION, "rna", "*", "rna_eval.jsonl")))
 
 
