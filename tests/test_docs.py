@@ -328,6 +328,55 @@ def test_the_fashion_mnist_table_iv_grids_are_those_of_its_ablation_json():
     assert ("not measured yet" in rendered) == ("**In progress**" in section)
 
 
+FRAGILE_KEPT = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(
+    os.path.join(FASHION, "fragile", "models", "*", "fragile_eval.json")))
+
+
+@pytest.mark.parametrize("key", FRAGILE_KEPT)
+def test_each_kept_fashion_mnist_fragile_row_is_its_configs_finished_training(key):
+    """docs/fashion_mnist/fragile/models/KEY holds the final checkpoint of
+    configs/fragile/fashion_mnist/KEY.json, unchanged, and the evaluation of that checkpoint
+    with the settings docs/experiments/fashion_mnist.sh passes."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from madry_ns.studies import fragile
+
+    folder = os.path.join(FASHION, "fragile", "models", key)
+    expected = config.load(os.path.join(ROOT, "configs", "fragile", "fashion_mnist",
+                                        f"{key}.json"))
+    kept = config.load(os.path.join(folder, "config.json"))
+    assert kept.to_dict() == expected.to_dict()
+    final = f"checkpoint-{expected.max_num_training_steps}"
+    assert tf.train.latest_checkpoint(folder) == os.path.join(folder, final)
+    with open(os.path.join(folder, "fragile_eval.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    assert (record["row"], os.path.basename(record["checkpoint"])) == (key, final)
+    assert record["settings"] == dataclasses.asdict(fragile.Settings(
+        num_robust_examples=1000, pgd_steps=20, pgd_step_size=2.55, autoattack="standard"))
+    assert record["steps"] == expected.max_num_training_steps
+
+
+def test_the_fashion_mnist_fragile_table_is_that_of_the_kept_rows():
+    """The Fragile features section's table is `fragile.table` of the kept rows' evaluations
+    in the paper's order, and the section says 'In progress' until all twelve are in."""
+    from madry_ns.studies import fragile
+
+    records = []
+    for row in fragile.ROWS:
+        path = os.path.join(FASHION, "fragile", "models", row.key, "fragile_eval.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                records.append(json.load(f))
+    section = _fashion_doc().split("## Fragile features: Table 2", 1)[1].split("\n## ", 1)[0]
+    assert ("**In progress**" in section) == (len(records) < len(fragile.ROWS))
+    if records:
+        assert _tables(section)[0] == _tables(fragile.table(records))[0]
+    else:
+        assert not _tables(section)
+
+
 RNA_RECORDS = sorted(glob.glob(os.path.join(FASHION, "rna", "*", "rna_eval.jsonl")))
 
 
