@@ -10,8 +10,8 @@ resumes a run that was interrupted, returns at once for one that is complete; th
 rows start from `init_checkpoint`, the NORMAL row's model_dir, so NORMAL comes first),
 evaluates the final checkpoint and caches the result in `<model_dir>/fragile_eval.json`
 (reused while checkpoint and evaluation settings are unchanged; a stopped evaluation
-continues after its last finished batch, `fragile_eval.partial.json`). Then it writes to
---output:
+continues after its last finished batch or chunk of survivors, kept in
+`fragile_eval.partial.json`). Then it writes to --output:
 
 * `table.md` and `table.json`: clean error on the whole test set, robust error under
   AutoAttack and under PGD on the first N test images, the PGD cross-entropy, beside the
