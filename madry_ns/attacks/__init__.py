@@ -41,7 +41,7 @@ from madry_ns.attacks.auto_pgd import APGD_LOSSES, apgd, apgd_single_run, apgd_t
 from madry_ns.attacks.autoattack import (ATTACKS, AUTOATTACK_ATTACKS, VERSIONS,
                                          AutoAttackParams, auto_attack,
                                          auto_attack_survivors, autoattack_style,
-                                         version_params)
+                                         survivors_runner, version_params)
 from madry_ns.attacks.carlini_wagner import carlini_wagner_l2
 from madry_ns.attacks.cleverhans_tf2 import cleverhans_patched, cleverhans_pgd, fgsm, mim
 from madry_ns.attacks.deep_fool import deepfool
@@ -58,10 +58,11 @@ from madry_ns.attacks.utils import (PIXEL_MAX, PIXEL_MIN, check_count, check_eps
 __all__ = [
     "APGD_LOSSES", "ATTACKS", "AUTOATTACK_ATTACKS", "AutoAttackParams", "LOSSES", "PIXEL_MAX",
     "PIXEL_MIN", "SQUARE_P_HALVINGS", "VERSIONS", "apgd", "apgd_single_run", "apgd_targeted",
-    "auto_attack", "auto_attack_survivors", "autoattack_style", "carlini_wagner_l2", "check_count", "check_epsilon",
-    "check_linf", "check_params", "cleverhans_patched", "cleverhans_pgd", "compile_attack",
-    "compile_pgd", "config_params", "cw_loss", "deepfool", "dlr_loss", "dlr_loss_targeted",
-    "eot_pgd", "fab", "fab_single_run", "fgsm", "fold_seed", "get_loss", "int64_labels",
-    "linf_ascent", "linf_box", "linf_projection", "mim", "per_image", "pgd", "pgd_attack",
-    "square", "square_p", "uniform_per_image", "version_params", "xent_loss",
+    "auto_attack", "auto_attack_survivors", "autoattack_style", "carlini_wagner_l2", "check_count",
+    "check_epsilon", "check_linf", "check_params", "cleverhans_patched", "cleverhans_pgd",
+    "compile_attack", "compile_pgd", "config_params", "cw_loss", "deepfool", "dlr_loss",
+    "dlr_loss_targeted", "eot_pgd", "fab", "fab_single_run", "fgsm", "fold_seed", "get_loss",
+    "int64_labels", "linf_ascent", "linf_box", "linf_projection", "mim", "per_image", "pgd",
+    "pgd_attack", "square", "square_p", "survivors_runner", "uniform_per_image", "version_params",
+    "xent_loss",
 ]

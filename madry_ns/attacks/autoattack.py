@@ -268,59 +268,69 @@ def auto_attack_survivors(logits_fn: Callable, x, y, *, epsilon: float, batch_si
     After each chunk `on_chunk(state)` gets a JSON-able dict (the attack and chunk reached,
     the flags so far); passing it back as `state` continues after that chunk. Returns numpy
     [N] bool arrays: "clean", one per attack (classified correctly in its output; images it
-    did not run on count as correct) and "robust".
+    did not run on count as correct) and "robust". Each call traces its attacks anew:
+    `survivors_runner` keeps them traced across calls.
     """
+    run = survivors_runner(logits_fn, epsilon=epsilon, batch_size=batch_size, params=params)
+    return run(x, y, seed, state=state, on_chunk=on_chunk)
+
+
+def survivors_runner(logits_fn: Callable, *, epsilon: float, batch_size: int,
+                     params: AutoAttackParams = AutoAttackParams()) -> Callable:
+    """`run(x, y, seed, state=None, on_chunk=None)`: `auto_attack_survivors` with its
+    attacks traced once, for many sets."""
     import numpy as np
 
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int64)
-    n = len(x)
     check_count("batch_size", batch_size, 1)
-    seed = tf.constant(seed, tf.int64)
 
     @tf.function(reduce_retracing=True)
     def classify(images, labels):
         return tf.equal(tf.argmax(logits_fn(images), 1), labels)
 
-    compiled = {}
+    def compiled(name):
+        @tf.function(reduce_retracing=True)
+        def run(xs, ys, ids, seed):
+            adv = _run_attack(name, logits_fn, xs, ys, params, epsilon, seed, True, ids)
+            return classify(adv, ys)
+        return run
 
-    def attack(name, xs, ys, ids):
-        if name not in compiled:
-            @tf.function(reduce_retracing=True)
-            def run(xs, ys, ids, name=name):
-                adv = _run_attack(name, logits_fn, xs, ys, params, epsilon, seed, True, ids)
-                return classify(adv, ys)
-            compiled[name] = run
-        return compiled[name](xs, ys, ids)
+    attack = {name: compiled(name) for name in params.attacks}
 
-    if state is None:
-        clean = np.concatenate([classify(x[i:i + batch_size], y[i:i + batch_size]).numpy()
-                                for i in range(0, n, batch_size)])
-        state = {"clean": clean.tolist(), "attack": 0, "chunk": 0,
-                 "survivors": np.flatnonzero(clean).tolist(),
-                 "correct": {name: [True] * n for name in params.attacks}}
-        if on_chunk is not None:
-            on_chunk(state)
-    correct = {name: np.array(v, bool) for name, v in state["correct"].items()}
-    robust = np.array(state["clean"], bool)
-    for name in params.attacks:
-        robust &= correct[name]
-    while state["attack"] < len(params.attacks):
-        name = params.attacks[state["attack"]]
-        survivors = np.array(state["survivors"], np.int64)
-        start = state["chunk"] * batch_size
-        if start < len(survivors):
-            ids = survivors[start:start + batch_size]
-            ok = attack(name, tf.constant(x[ids]), tf.constant(y[ids]),
-                        tf.constant(ids)).numpy()
-            correct[name][ids] = ok
-            robust[ids] &= ok
-            state["chunk"] += 1
-        else:  # the attack is done: the next one runs on what it left robust
-            state["attack"] += 1
-            state["chunk"] = 0
-            state["survivors"] = np.flatnonzero(robust).tolist()
-        state["correct"] = {k: v.tolist() for k, v in correct.items()}
-        if on_chunk is not None:
-            on_chunk(state)
-    return {"clean": np.array(state["clean"], bool), **correct, "robust": robust}
+    def run(x, y, seed=(0, 0), state: dict | None = None, on_chunk: Callable | None = None):
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int64)
+        n = len(x)
+        seed = tf.constant(seed, tf.int64)
+        if state is None:
+            clean = np.concatenate([classify(x[i:i + batch_size], y[i:i + batch_size]).numpy()
+                                    for i in range(0, n, batch_size)])
+            state = {"clean": clean.tolist(), "attack": 0, "chunk": 0,
+                     "survivors": np.flatnonzero(clean).tolist(),
+                     "correct": {name: [True] * n for name in params.attacks}}
+            if on_chunk is not None:
+                on_chunk(state)
+        correct = {name: np.array(v, bool) for name, v in state["correct"].items()}
+        robust = np.array(state["clean"], bool)
+        for name in params.attacks:
+            robust &= correct[name]
+        while state["attack"] < len(params.attacks):
+            name = params.attacks[state["attack"]]
+            survivors = np.array(state["survivors"], np.int64)
+            start = state["chunk"] * batch_size
+            if start < len(survivors):
+                ids = survivors[start:start + batch_size]
+                ok = attack[name](tf.constant(x[ids]), tf.constant(y[ids]), tf.constant(ids),
+                                  seed).numpy()
+                correct[name][ids] = ok
+                robust[ids] &= ok
+                state["chunk"] += 1
+            else:  # the attack is done: the next one runs on what it left robust
+                state["attack"] += 1
+                state["chunk"] = 0
+                state["survivors"] = np.flatnonzero(robust).tolist()
+            state["correct"] = {k: v.tolist() for k, v in correct.items()}
+            if on_chunk is not None:
+                on_chunk(state)
+        return {"clean": np.array(state["clean"], bool), **correct, "robust": robust}
+
+    return run
