@@ -641,6 +641,59 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, vers
                                   progress_key=key) == whole
 
 
+def test_a_moved_model_folder_keeps_its_cached_evaluation(tmp_path):
+    """The cache lives beside the checkpoint, so a model folder copied elsewhere (another
+    checkout, a kept folder put back) is found evaluated there: the key compares the
+    checkpoint's file name and the settings, not the folder."""
+    import dataclasses
+    import shutil
+
+    config = _config(tmp_path, model_dir=str(tmp_path / "old" / "adv"),
+                     max_num_training_steps=2, num_checkpoint_steps=2, num_eval_examples=8,
+                     eval_batch_size=4)
+    settings = dataclasses.replace(STANDARD, num_robust_examples=8)
+    row = next(r for r in fragile.ROWS if r.key == "adv")
+    lines = []
+    record = fragile.run_row(row, config, settings, out=lines.append)
+    assert not any("evaluation cached" in line for line in lines)
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    shutil.rmtree(tmp_path / "old")
+    moved = config.replace(model_dir=str(tmp_path / "new" / "adv"))
+    lines = []
+    assert fragile.run_row(row, moved, settings, out=lines.append) == record
+    assert any("evaluation cached" in line for line in lines)
+    # Other settings are another evaluation.
+    assert not fragile._same_key({"checkpoint": "/a/checkpoint-2", "settings": {"n": 1}},
+                                 {"checkpoint": "/b/checkpoint-2", "settings": {"n": 2}})
+    assert not fragile._same_key({"checkpoint": "/a/checkpoint-2", "settings": {"n": 1}},
+                                 {"checkpoint": "/a/checkpoint-4", "settings": {"n": 1}})
+
+
+def test_progress_made_in_another_folder_resumes(tmp_path):
+    """The same for a stopped evaluation's progress file."""
+    config, model, dataset = _eval_setup(tmp_path)
+    whole = fragile.evaluate_model(model, dataset, config, STANDARD)
+    path = str(tmp_path / "fragile_eval.partial.json")
+    old = {"checkpoint": "/old/checkout/models/adv/checkpoint-9", "settings": {"n": 1}}
+
+    class Stop(Exception):
+        pass
+
+    def stop(line):
+        if line.startswith("  AutoAttack apgd-t"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        fragile.evaluate_model(model, dataset, config, STANDARD, out=stop,
+                               progress_path=path, progress_key=old)
+    lines = []
+    new = {**old, "checkpoint": "/new/models/adv/checkpoint-9"}
+    resumed = fragile.evaluate_model(model, dataset, config, STANDARD, out=lines.append,
+                                     progress_path=path, progress_key=new)
+    assert lines[0].startswith("resuming the evaluation")
+    assert {k: v for k, v in resumed.items() if k != "resumed_from"} == whole
+
+
 # ----------------------------------------------------------------------------------------
 # Foundation fix found here: atomic writes left every output readable by its owner only
 

@@ -259,7 +259,7 @@ def evaluate_model(model, dataset, config, settings: Settings, out=None,
     if progress_path and os.path.exists(progress_path):
         with open(progress_path, encoding="utf-8") as f:
             stored = json.load(f)
-        if stored.get("key") == progress_key and set(stored) == set(state):
+        if _same_key(stored.get("key"), progress_key) and set(stored) == set(state):
             state = stored
             resumed = {"batches": state["batches"]}
             if state["autoattack"]:
@@ -332,6 +332,18 @@ def evaluate_model(model, dataset, config, settings: Settings, out=None,
     }
 
 
+def _same_key(stored, key) -> bool:
+    """Whether a cached evaluation (or its progress) was made for `key`: the same settings
+    and the same checkpoint file name. The cache lives beside the checkpoint in model_dir,
+    so the file name identifies it there; comparing whole paths would throw away hours of
+    evaluation whenever the checkout (or a kept model folder) is somewhere else."""
+    def located(k):
+        if isinstance(k, dict) and isinstance(k.get("checkpoint"), str):
+            return {**k, "checkpoint": os.path.basename(k["checkpoint"])}
+        return k
+    return located(stored) == located(key)
+
+
 def run_row(row: Row, config, settings: Settings, out=print) -> dict:
     """Train (or resume, or find complete) and evaluate one row; cached evaluation."""
     from madry_ns import checkpoints, data, files, finetune, training
@@ -349,7 +361,7 @@ def run_row(row: Row, config, settings: Settings, out=print) -> dict:
     if os.path.exists(cache_path):
         with open(cache_path, encoding="utf-8") as f:
             cached = json.load(f)
-        if {k: cached.get(k) for k in key} == key:
+        if _same_key({k: cached.get(k) for k in key}, key):
             out(f"evaluation cached in {cache_path}")
             return cached
     dataset = data.load_dataset(config)
