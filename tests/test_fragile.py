@@ -612,7 +612,8 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, vers
     config, model, dataset = _eval_setup(tmp_path)
     settings = dataclasses.replace(STANDARD, autoattack=version)
     whole = fragile.evaluate_model(model, dataset, config, settings)
-    path, key = str(tmp_path / "fragile_eval.partial.json"), {"checkpoint": "x", "n": 1}
+    path = str(tmp_path / "fragile_eval.partial.json")
+    key = {"checkpoint": "/old/checkout/models/adv/checkpoint-9", "n": 1}
 
     class Stop(Exception):
         pass
@@ -624,9 +625,11 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, vers
     with pytest.raises(Stop):
         fragile.evaluate_model(model, dataset, config, settings, out=stop,
                                progress_path=path, progress_key=key)
+    # Resumed in another folder (a moved checkout): the same checkpoint file name.
     lines = []
+    moved = {**key, "checkpoint": "/new/models/adv/checkpoint-9"}
     resumed = fragile.evaluate_model(model, dataset, config, settings, out=lines.append,
-                                     progress_path=path, progress_key=key)
+                                     progress_path=path, progress_key=moved)
     assert lines[0].startswith("resuming the evaluation")
     assert {k: v for k, v in resumed.items() if k != "resumed_from"} == whole
     assert resumed["resumed_from"]["batches"] == (2 if "8/12" in stop_at else 3)
@@ -667,31 +670,6 @@ def test_a_moved_model_folder_keeps_its_cached_evaluation(tmp_path):
                                  {"checkpoint": "/b/checkpoint-2", "settings": {"n": 2}})
     assert not fragile._same_key({"checkpoint": "/a/checkpoint-2", "settings": {"n": 1}},
                                  {"checkpoint": "/a/checkpoint-4", "settings": {"n": 1}})
-
-
-def test_progress_made_in_another_folder_resumes(tmp_path):
-    """The same for a stopped evaluation's progress file."""
-    config, model, dataset = _eval_setup(tmp_path)
-    whole = fragile.evaluate_model(model, dataset, config, STANDARD)
-    path = str(tmp_path / "fragile_eval.partial.json")
-    old = {"checkpoint": "/old/checkout/models/adv/checkpoint-9", "settings": {"n": 1}}
-
-    class Stop(Exception):
-        pass
-
-    def stop(line):
-        if line.startswith("  AutoAttack apgd-t"):
-            raise Stop
-
-    with pytest.raises(Stop):
-        fragile.evaluate_model(model, dataset, config, STANDARD, out=stop,
-                               progress_path=path, progress_key=old)
-    lines = []
-    new = {**old, "checkpoint": "/new/models/adv/checkpoint-9"}
-    resumed = fragile.evaluate_model(model, dataset, config, STANDARD, out=lines.append,
-                                     progress_path=path, progress_key=new)
-    assert lines[0].startswith("resuming the evaluation")
-    assert {k: v for k, v in resumed.items() if k != "resumed_from"} == whole
 
 
 # ----------------------------------------------------------------------------------------
